@@ -1,0 +1,106 @@
+"""Text generation in RNN mode: temperature and top-p sampling (notebook 09_generation).
+
+The prompt goes through GPT mode once (all its tokens in parallel, returning the state),
+then each new token costs one `model.step`: constant time and memory per token,
+however long the text already is.
+
+    python -m rwkv_lib.generate runs/ci/ckpt.pt --prompt "<page>" --tokens 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from .data import ByteVocab
+from .model import RWKV
+
+
+def sample_logits(
+    logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw one token id per row of `logits` (..., V).
+
+    temperature 0 is greedy decoding (argmax). Otherwise probabilities are
+    softmax(logits / temperature), cut to the smallest set of most likely tokens whose
+    total probability reaches top_p (the nucleus), renormalized, and sampled.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        # drop a token when the tokens before it already reach top_p; the first always stays
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    flat = probs.reshape(-1, probs.shape[-1])
+    ids = torch.multinomial(flat, 1, generator=generator)
+    return ids.reshape(probs.shape[:-1])
+
+
+@torch.no_grad()
+def generate(
+    model: RWKV, prompt: Sequence[int] | torch.Tensor, max_new_tokens: int,
+    temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+) -> list[int]:
+    """Continue `prompt` (token ids) by `max_new_tokens` ids; seeded and reproducible."""
+    device = model.head.weight.device
+    prompt = torch.as_tensor(prompt, dtype=torch.long, device=device).reshape(1, -1)
+    if prompt.shape[1] == 0:
+        raise ValueError("generate: the prompt is empty; give at least one token")
+    generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    logits, state = model(prompt, return_state=True)
+    logits = logits[:, -1]
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        token = sample_logits(logits, temperature, top_p, generator)
+        out.append(int(token))
+        logits, state = model.step(token, state)
+    model.train(was_training)
+    return out
+
+
+def generate_text(
+    model: RWKV, vocab: ByteVocab, prompt: str | bytes, max_new_tokens: int,
+    temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+) -> str:
+    """Encode a text prompt, continue it, and return the new text (bytes decoded as
+    UTF-8; a multi-byte character cut by the end shows as U+FFFD)."""
+    data = prompt.encode("utf-8") if isinstance(prompt, str) else prompt
+    ids = generate(model, vocab.encode(data), max_new_tokens, temperature, top_p, seed)
+    return vocab.decode_text(ids)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Generate text from a trained checkpoint.")
+    parser.add_argument("checkpoint", help="a checkpoint written by python -m rwkv_lib.train")
+    parser.add_argument("--prompt", default="<page>\n  <title>", help="text to continue")
+    parser.add_argument("--tokens", type=int, default=300, help="number of bytes to generate")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    from .checkpoint import load_model  # the checkpoint format lives with training
+
+    model, vocab, _ = load_model(args.checkpoint, device=args.device)
+    text = generate_text(model, vocab, args.prompt, args.tokens, args.temperature,
+                         args.top_p, args.seed)
+    sys.stdout.write(args.prompt + text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from rwkv_lib.generate import generate, sample_logits
+from rwkv_lib.model import RWKV, RWKVConfig
+
+
+def _model():
+    torch.manual_seed(0)
+    model = RWKV(RWKVConfig(vocab_size=30, n_layer=2, n_embd=16, wkv_backend="pytorch"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def test_greedy_is_argmax():
+    logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 2.9]])
+    assert sample_logits(logits, temperature=0).tolist() == [1, 0]
+
+
+def test_top_p_keeps_only_the_nucleus():
+    # probabilities 0.5, 0.3, 0.15, 0.05: top_p 0.7 keeps the first two only
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(4000, 4)
+    ids = sample_logits(logits, top_p=0.7, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(ids, minlength=4)
+    assert counts[2] == 0 and counts[3] == 0
+    assert 0.55 < counts[0] / 4000 < 0.70  # renormalized: 0.5 / 0.8 = 0.625
+    # the most likely token always stays, even for a tiny top_p
+    assert (sample_logits(logits[:10], top_p=1e-9) == 0).all()
+
+
+def test_temperature_sharpens_and_flattens():
+    logits = torch.tensor([1.0, 0.0]).expand(20000, 2)
+    g = torch.Generator().manual_seed(1)
+    hot = sample_logits(logits, temperature=5.0, generator=g).float().mean()
+    cold = sample_logits(logits, temperature=0.2, generator=g).float().mean()
+    assert cold < 0.02 < 0.4 < hot  # share of the less likely token
+
+
+def test_sampling_argument_errors():
+    with pytest.raises(ValueError, match="temperature"):
+        sample_logits(torch.zeros(3), temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        sample_logits(torch.zeros(3), top_p=0)
+
+
+def test_generation_is_reproducible_and_seeded():
+    model = _model()
+    a = generate(model, [1, 2, 3], 20, temperature=1.0, top_p=0.9, seed=5)
+    b = generate(model, [1, 2, 3], 20, temperature=1.0, top_p=0.9, seed=5)
+    c = generate(model, [1, 2, 3], 20, temperature=1.0, top_p=0.9, seed=6)
+    assert a == b and a != c and len(a) == 20 and all(0 <= t < 30 for t in a)
+
+
+def test_greedy_generation_matches_gpt_mode_argmax():
+    # Greedy RNN-mode decoding must pick, at each step, the argmax of GPT mode's logits
+    # over the whole sequence so far.
+    model = _model().eval()
+    prompt = [4, 7, 1]
+    out = generate(model, prompt, 8, temperature=0)
+    seq = prompt + out
+    with torch.no_grad():
+        logits = model(torch.tensor([seq]))[0]
+    assert logits[len(prompt) - 1:-1].argmax(-1).tolist() == out
+
+
+def test_empty_prompt_is_an_error():
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate(_model(), [], 3)

@@ -1,0 +1,55 @@
+"""The set-up is declared in several places; these tests keep them saying the same thing."""
+
+import re
+from pathlib import Path
+
+import tomllib
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _readme_command(marker: str) -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    match = re.search(rf"<!-- {marker} -->\s*```(?:bash|sh)?\n(.+?)\n```", text, re.S)
+    assert match, f"README.md has no fenced command after <!-- {marker} -->"
+    lines = [line for line in match.group(1).splitlines() if line.strip()]
+    assert len(lines) == 1, f"the README's {marker} must be one command, got {lines}"
+    return lines[0].strip()
+
+
+def _ci_lines() -> list[str]:
+    return [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+
+
+def test_ci_runs_the_readme_setup_and_test_commands():
+    ci = _ci_lines()
+    assert _readme_command("setup-command") in ci
+    assert _readme_command("test-command") in ci
+
+
+def test_setup_pins_the_cpu_torch_first():
+    assert '"torch==2.13.0"' in _readme_command("setup-command")
+
+
+def test_environment_yml_installs_from_pyproject_only():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    deps = {re.split(r"[<>=!~ \[]", d)[0].lower() for d in pyproject["project"]["dependencies"]}
+    env = (ROOT / "environment.yml").read_text().splitlines()
+    items = [line.strip()[2:].strip() for line in env if line.strip().startswith("- ")]
+    conda = [i for i in items if i not in ("pip:",) and not i.startswith(("-e", "torch"))]
+    assert all(re.fullmatch(r"python=3\.\d+|pip|conda-forge", i) for i in conda), conda
+    assert "-e .[dev]" in items, "environment.yml must install the project with its dev extra"
+    pins = [i for i in items if i.startswith("torch")]
+    for pin in pins:  # a pin may only narrow a dependency pyproject already declares
+        assert re.split(r"[<>=!~ ]", pin)[0] in deps
+    assert pins == ["torch==2.13.0"], "environment.yml and the README pin the same torch"
+    python = next(i for i in conda if i.startswith("python="))
+    minimum = pyproject["project"]["requires-python"].removeprefix(">=")
+    assert tuple(map(int, python[7:].split("."))) >= tuple(map(int, minimum.split(".")))
+
+
+def test_every_notebook_is_listed_in_the_readme():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    notebooks = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
+    for name in notebooks:
+        assert name in readme, f"README.md does not list {name}"
