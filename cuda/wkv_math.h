@@ -1,0 +1,100 @@
+// The WKV recurrence of RWKV-4 for one (batch, channel) pair, one time step at a time.
+//
+// This header is the single definition of the arithmetic: the CPU kernels (wkv_cpu.cpp,
+// compiled by the host C++ compiler) and the CUDA kernels (wkv_cuda.cu, compiled by nvcc)
+// both call these functions, so the CPU tests check exactly the math the GPU runs.
+//
+// Notation (spec section 3): w = -exp(time_decay) < 0, u = time_first. The running sums
+// of the past are kept as numerator A = a*e^p and denominator B = b*e^p, so that a and b
+// stay of order 1 (b >= 1 after the first token) whatever the size of k.
+//
+//   output:  y_t = (A + e^{u+k_t} v_t) / (B + e^{u+k_t})
+//   update:  A <- e^w A + e^{k_t} v_t,   B <- e^w B + e^{k_t}
+//
+// Backward, walking t from T-1 down to 0. Let gA, gB be dL/dA, dL/dB for the state before
+// token t and gA', gB' for the state after it; gy = dL/dy_t and den = B + e^{u+k_t}:
+//
+//   dL/dv_t  = gy e^{u+k}/den        + gA' e^{k}
+//   dL/dk_t  = gy e^{u+k}(v-y)/den   + gA' e^{k} v + gB' e^{k}
+//   dL/du   += gy e^{u+k}(v-y)/den
+//   dL/dw   += gA' e^w A + gB' e^w B
+//   gA       = gy/den + e^w gA',     gB = -gy y/den + e^w gB'
+//
+// gA and gB scale like e^{-p}, so we carry ga = gA*e^p and gb = gB*e^p instead, which are
+// bounded by the sum of |dL/dy|. In these scaled terms every exponential above becomes one
+// of the two weights the forward step computes, each at most 1 (see wkv_backward_step),
+// so nothing overflows whatever the size of k.
+#pragma once
+
+#include <cmath>
+
+#ifdef __CUDACC__
+#define WKV_HD __host__ __device__ __forceinline__
+#else
+#define WKV_HD inline
+#endif
+
+// "Minus infinity" for p in the empty state: finite, so p - q never becomes inf - inf.
+#define WKV_P_EMPTY (-1e38)
+
+WKV_HD float wkv_exp(float x) { return expf(x); }
+WKV_HD double wkv_exp(double x) { return exp(x); }
+
+// Two terms e^x and e^y, rescaled by the larger: m = max(x, y), ex = e^{x-m}, ey = e^{y-m}.
+// One of ex, ey is exactly 1, so a single exp of -|x-y| gives both. Written with
+// selects rather than branches (and without fmaxf, whose NaN rules stop g++ from
+// vectorizing) so that the CPU loop over channels becomes SIMD code.
+template <typename F>
+WKV_HD void wkv_rescale(F x, F y, F& m, F& ex, F& ey) {
+    const F d = x - y;
+    const bool x_larger = d >= F(0);
+    const F e = wkv_exp(x_larger ? -d : d);
+    m = x_larger ? x : y;
+    ex = x_larger ? F(1) : e;
+    ey = x_larger ? e : F(1);
+}
+
+// State update only: (a, b, p) before token t -> after it.
+template <typename F>
+WKV_HD void wkv_update_step(F w, F k, F v, F& a, F& b, F& p) {
+    F q, e1, e2;
+    wkv_rescale(p + w, k, q, e1, e2);  // decay the past by e^w, add e^k
+    a = e1 * a + e2 * v;
+    b = e1 * b + e2;
+    p = q;
+}
+
+// One forward step: returns y_t and advances the state.
+template <typename F>
+WKV_HD F wkv_forward_step(F w, F u, F k, F v, F& a, F& b, F& p) {
+    F q, e1, e2;
+    wkv_rescale(p, u + k, q, e1, e2);  // the current token gets the bonus u
+    const F y = (e1 * a + e2 * v) / (e1 * b + e2);
+    wkv_update_step(w, k, v, a, b, p);
+    return y;
+}
+
+// One backward step at time t, walking from t = T-1 down to 0.
+// In: the forward state (a, b, p) before token t, k_t, v_t, gy = dL/dy_t, and the scaled
+// adjoints (ga, gb) after token t. Out: (ga, gb) before token t, gk, gv for this t;
+// gw and gu are accumulated (dL/dw and dL/du for this batch row and channel).
+template <typename F>
+WKV_HD void wkv_backward_step(F w, F u, F k, F v, F gy, F a, F b, F p, F& ga, F& gb,
+                              F& gw, F& gu, F& gk, F& gv) {
+    F q, e1o, e2o;
+    wkv_rescale(p, u + k, q, e1o, e2o);  // output weights, scaled by e^q
+    const F inv_den = F(1) / (e1o * b + e2o);  // den = e^q / inv_den, and inv_den <= 1
+    const F y = (e1o * a + e2o * v) * inv_den;
+    const F g = gy * inv_den;
+    F e1u, e2u;
+    wkv_rescale(p + w, k, q, e1u, e2u);  // e1u = e^{w + p - p'}, e2u = e^{k - p'}
+    const F g_now = g * e2o;  // dL/dy_t * e^{u+k}/den (scaled)
+    const F g_uk = g_now * (v - y);  // through y_t, d/du = d/dk
+    gu += g_uk;
+    gk = g_uk + e2u * (ga * v + gb);
+    gv = g_now + e2u * ga;
+    gw += e1u * (ga * a + gb * b);
+    const F g_past = g * e1o;  // dL/dy_t * e^p/den
+    ga = g_past + e1u * ga;
+    gb = e1u * gb - g_past * y;
+}

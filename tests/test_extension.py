@@ -1,0 +1,468 @@
+"""The C++/CUDA WKV operator (rwkv_lib.extension) against the definition and the PyTorch
+backend: values, gradients, dtypes, extreme inputs, state, errors, and the build cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+from rwkv_lib import extension
+from rwkv_lib.extension import load_wkv_extension, wkv_extension
+from rwkv_lib.wkv import initial_state, wkv_definition, wkv_pytorch
+
+REPO = Path(__file__).resolve().parent.parent
+CUDA_DIR = REPO / "cuda"
+
+
+@pytest.fixture(scope="module")
+def ext():
+    """The built extension. Skips only when the build tools are truly absent."""
+    missing = extension._missing_tools()
+    if missing is not None:
+        pytest.skip(f"C++ extension cannot be built here: {missing}")
+    return load_wkv_extension()
+
+
+def make_inputs(B, T, C, dtype=torch.float32, device="cpu", k_scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    td = torch.empty(C).uniform_(-5, 3, generator=g)  # the range of RWKV-4's init
+    tf = torch.randn(C, generator=g)
+    k = torch.randn(B, T, C, generator=g) * k_scale
+    v = torch.randn(B, T, C, generator=g)
+    return [t.to(device=device, dtype=dtype) for t in (td, tf, k, v)]
+
+
+def value_and_grads(fn, inputs, grad_y):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    y = fn(*leaves)
+    # allow_unused: with T = 1 time_decay plays no part (decay acts between tokens)
+    grads = torch.autograd.grad(y, leaves, grad_y, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads, strict=True)]
+    return y.detach(), grads
+
+
+def assert_close_rel(actual, expected, rel, name=""):
+    """Max error relative to the largest magnitude of the expected tensor."""
+    actual, expected = actual.double(), expected.double()
+    scale = expected.abs().max().item() + 1e-12
+    err = (actual - expected).abs().max().item()
+    assert err <= rel * scale, f"{name}: max error {err:.3g} > {rel:g} * {scale:.3g}"
+
+
+GRAD_NAMES = ("time_decay", "time_first", "k", "v")
+
+# ---------------------------------------------------------------------------------------
+# Exactness in float64
+
+
+def test_gradcheck_float64_against_definition(ext):
+    inputs = make_inputs(2, 6, 3, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    assert torch.autograd.gradcheck(wkv_extension, leaves)
+    grad_y = torch.randn(2, 6, 3, dtype=torch.float64)
+    y, grads = value_and_grads(wkv_extension, inputs, grad_y)
+    y_ref, grads_ref = value_and_grads(wkv_definition, inputs, grad_y)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for name, g, g_ref in zip(GRAD_NAMES, grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_gradcheck_through_the_state(ext):
+    # Two chunks joined by the state: gradients must pass from the second to the first.
+    inputs = [t.requires_grad_() for t in make_inputs(2, 7, 3, dtype=torch.float64)]
+
+    def chunked(td, tf, k, v):
+        y1, state = wkv_extension(td, tf, k[:, :3], v[:, :3], return_state=True)
+        return torch.cat([y1, wkv_extension(td, tf, k[:, 3:], v[:, 3:], state=state)], 1)
+
+    assert torch.autograd.gradcheck(chunked, inputs)
+
+
+# ---------------------------------------------------------------------------------------
+# float32 against the PyTorch stable backend
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 1, 1), (3, 1, 7), (2, 19, 33), (5, 40, 100), (1, 8, 515), (2, 4096, 3)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+def test_matches_pytorch_backend(ext, shape):
+    inputs = make_inputs(*shape, k_scale=3.0)
+    grad_y = torch.randn(shape)
+    y, grads = value_and_grads(wkv_extension, inputs, grad_y)
+    y_ref, grads_ref = value_and_grads(wkv_pytorch, inputs, grad_y)
+    assert y.dtype == torch.float32 and y.shape == shape
+    assert_close_rel(y, y_ref, 1e-5, "y")
+    for name, g, g_ref in zip(GRAD_NAMES, grads, grads_ref, strict=True):
+        assert g.shape == g_ref.shape
+        assert_close_rel(g, g_ref, 1e-4, name)
+
+
+def test_non_contiguous_inputs(ext):
+    td, tf, k, v = make_inputs(3, 9, 10)
+    grad_y = torch.randn(3, 9, 10)
+    # the same values in other memory layouts: strided slices and transposed storage
+    td_nc = torch.stack([td, td], 1)[:, 0]
+    tf_nc = torch.stack([tf, tf], 1)[:, 1]
+    k_nc = k.transpose(1, 2).contiguous().transpose(1, 2)
+    v_nc = torch.stack([v, v], 3)[..., 0]
+    assert not any(t.is_contiguous() for t in (td_nc, tf_nc, k_nc, v_nc))
+    y, grads = value_and_grads(wkv_extension, [td_nc, tf_nc, k_nc, v_nc], grad_y)
+    y_ref, grads_ref = value_and_grads(wkv_extension, [td, tf, k, v], grad_y.contiguous())
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_are_computed_in_float32(ext, dtype):
+    inputs = make_inputs(2, 30, 17, dtype=dtype)
+    grad_y = torch.randn(2, 30, 17, dtype=dtype)
+    y, grads = value_and_grads(wkv_extension, inputs, grad_y)
+    assert y.dtype == dtype, "y comes back in the input dtype"
+    assert all(g.dtype == dtype for g in grads)
+    # reference: the same (rounded) inputs in float32; the only difference allowed is the
+    # final rounding of the outputs to the half-precision dtype
+    y32, grads32 = value_and_grads(wkv_extension, [t.float() for t in inputs], grad_y.float())
+    torch.testing.assert_close(y, y32.to(dtype), rtol=0, atol=0)
+    for g, g32 in zip(grads, grads32, strict=True):
+        torch.testing.assert_close(g, g32.to(dtype), rtol=0, atol=0)
+    _, state = wkv_extension(*inputs, return_state=True)
+    assert all(s.dtype == torch.float32 for s in state)
+
+
+def test_extreme_k_stays_finite_and_matches_safe_evaluation(ext):
+    B, T, C = 2, 64, 9
+    g = torch.Generator().manual_seed(1)
+    td = torch.linspace(-8, 4, C)
+    tf = torch.randn(C, generator=g) * 3
+    k = (torch.rand(B, T, C, generator=g) * 2 - 1) * 1000  # uniform in [-1000, 1000]
+    v = torch.randn(B, T, C, generator=g)
+    grad_y = torch.randn(B, T, C, generator=g)
+    y, grads = value_and_grads(wkv_extension, [td, tf, k, v], grad_y)
+    assert torch.isfinite(y).all()
+    assert all(torch.isfinite(gr).all() for gr in grads)
+    # safe=True evaluates the definition as a softmax, in float64: the truth for these inputs
+    y_ref, grads_ref = value_and_grads(
+        wkv_definition, [t.double() for t in (td, tf, k, v)], grad_y.double()
+    )
+    # float32 rounding of exponents near 1000 costs ~1e-4 relative; the backend does the same
+    assert_close_rel(y, y_ref, 1e-3, "y")
+    for name, gr, gr_ref in zip(GRAD_NAMES, grads, grads_ref, strict=True):
+        assert_close_rel(gr, gr_ref, 1e-2, name)
+
+
+@pytest.mark.parametrize("time_decay", [-30.0, 30.0, 100.0])
+def test_extreme_decay(ext, time_decay):
+    # w = -exp(100) overflows float32: it must act as "forget everything", not as NaN
+    _, tf, k, v = make_inputs(2, 12, 5)
+    td = torch.full((5,), time_decay)
+    grad_y = torch.randn(2, 12, 5)
+    y, grads = value_and_grads(wkv_extension, [td, tf, k, v], grad_y)
+    y_ref, grads_ref = value_and_grads(
+        wkv_definition, [t.double() for t in (td, tf, k, v)], grad_y.double()
+    )
+    assert all(torch.isfinite(t).all() for t in (y, *grads))
+    assert_close_rel(y, y_ref, 1e-5, "y")
+    for name, gr, gr_ref in zip(GRAD_NAMES[1:], grads[1:], grads_ref[1:], strict=True):
+        assert_close_rel(gr, gr_ref, 1e-4, name)
+
+
+# ---------------------------------------------------------------------------------------
+# State
+
+
+def test_chunks_with_carried_state_equal_one_long_call(ext):
+    B, T, C = 2, 50, 21
+    inputs = make_inputs(B, T, C, k_scale=3.0)
+    grad_y = torch.randn(B, T, C)
+
+    def chunked(td, tf, k, v):
+        ys, state = [], None
+        for lo, hi in [(0, 1), (1, 17), (17, 50)]:
+            y, state = wkv_extension(td, tf, k[:, lo:hi], v[:, lo:hi], state=state,
+                                     return_state=True)
+            ys.append(y)
+        return torch.cat(ys, 1)
+
+    y, grads = value_and_grads(chunked, inputs, grad_y)
+    y_ref, grads_ref = value_and_grads(wkv_extension, inputs, grad_y)
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    for name, g, g_ref in zip(GRAD_NAMES, grads, grads_ref, strict=True):
+        assert_close_rel(g, g_ref, 1e-5, name)
+    # the final state after the chunks is the one of the long call
+    _, s_ref = wkv_extension(*inputs, return_state=True)
+    state = None
+    for lo, hi in [(0, 20), (20, 50)]:
+        _, state = wkv_extension(*inputs[:2], inputs[2][:, lo:hi], inputs[3][:, lo:hi],
+                                 state=state, return_state=True)
+    for s, s_r in zip(state, s_ref, strict=True):
+        torch.testing.assert_close(s, s_r, rtol=1e-6, atol=1e-6)
+
+
+def test_state_convention_matches_pytorch_backend(ext):
+    td, tf, k, v = make_inputs(2, 30, 6)
+    s0 = initial_state(2, 6)
+    y_a, s_a = wkv_extension(td, tf, k, v, state=s0, return_state=True)
+    y_b, s_b = wkv_pytorch(td, tf, k, v, state=s0, return_state=True)
+    torch.testing.assert_close(y_a, y_b, rtol=1e-5, atol=1e-6)
+    for x, x_ref in zip(s_a, s_b, strict=True):
+        assert x.shape == (2, 6) and x.dtype == torch.float32
+        torch.testing.assert_close(x, x_ref, rtol=1e-5, atol=1e-6)
+    # a state made by one backend continues correctly in the other
+    y2 = wkv_pytorch(td, tf, k, v, state=s_a)
+    torch.testing.assert_close(wkv_extension(td, tf, k, v, state=s_b), y2, rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_torch_ops_and_pybind_functions_agree(ext):
+    td, tf, k, v = make_inputs(2, 5, 4)
+    via_ops = torch.ops.rwkv.wkv_forward(td, tf, k, v)
+    via_module = ext.wkv_forward(td, tf, k, v)
+    for a, b in zip(via_ops, via_module, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    gy = torch.randn(2, 5, 4)
+    g_ops = torch.ops.rwkv.wkv_backward(td, tf, k, v, None, None, None, gy)
+    g_mod = ext.wkv_backward(td, tf, k, v, None, None, None, gy)
+    for a, b in zip(g_ops, g_mod, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Errors
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.__setitem__(2, a[2][0]), "k must have shape"),
+        (lambda a: a.__setitem__(3, a[3][:, :-1]), "v has shape"),
+        (lambda a: a.__setitem__(0, a[0][:-1]), "time_decay must have shape"),
+        (lambda a: a.__setitem__(1, a[1][None]), "time_first must have shape"),
+        (lambda a: a.__setitem__(2, a[2].long()), "k must be a floating-point tensor"),
+        (lambda a: a.__setitem__(0, a[0].int()), "time_decay must be a floating-point"),
+        (lambda a: a.__setitem__(1, a[1].to("meta")), "time_first is on meta but k is on cpu"),
+        (lambda a: a.__setitem__(2, a[2].to("meta")), "tensors on meta are not supported"),
+    ],
+    ids=["k-2d", "v-shape", "td-length", "tf-2d", "k-int", "td-int", "devices", "devices2"],
+)
+def test_clear_errors(ext, change, message):
+    args = make_inputs(2, 3, 4)
+    change(args)
+    with pytest.raises(RuntimeError, match=message):
+        wkv_extension(*args)
+
+
+def test_state_errors(ext):
+    td, tf, k, v = make_inputs(2, 3, 4)
+    a, b, p = initial_state(2, 4)
+    with pytest.raises(RuntimeError, match=r"state b must have shape \(B, C\) = \(2, 4\)"):
+        wkv_extension(td, tf, k, v, state=(a, b[:1], p))
+    with pytest.raises(RuntimeError, match="all three state tensors"):
+        torch.ops.rwkv.wkv_forward(td, tf, k, v, a, None, p)
+    with pytest.raises(ValueError, match="tuple"):
+        wkv_extension(td, tf, k, v, state=(a, b))
+
+
+# ---------------------------------------------------------------------------------------
+# Building: cache, failure, compile checks
+
+_SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+        env={**_SUBPROCESS_ENV, **env}, cwd=REPO,
+    )
+
+
+def test_second_process_reuses_the_build(ext):
+    library = Path(ext.__file__)
+    build_dir = library.parent
+    before = {p.name: p.stat().st_mtime_ns for p in build_dir.iterdir() if p.is_file()}
+    code = (
+        "import json, time; t = time.perf_counter()\n"
+        "from rwkv_lib.extension import load_wkv_extension\n"
+        "m = load_wkv_extension()\n"
+        "print(json.dumps({'file': m.__file__, 'seconds': time.perf_counter() - t}))\n"
+    )
+    out = _run_python(code)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert Path(result["file"]) == library
+    after = {p.name: p.stat().st_mtime_ns for p in build_dir.iterdir() if p.is_file()}
+    assert after == before, "the second process rewrote build files (it recompiled)"
+    assert result["seconds"] < 15, f"loading from the cache took {result['seconds']:.1f} s"
+
+
+def test_build_name_changes_with_sources_and_flags(tmp_path):
+    src = tmp_path / "op.cpp"
+    src.write_text("int f() { return 1; }\n")
+    name = extension._build_name("demo", [src], ["-O3"], cuda=False)
+    assert name == extension._build_name("demo", [src], ["-O3"], cuda=False)
+    assert name != extension._build_name("demo", [src], ["-O2"], cuda=False)
+    src.write_text("int f() { return 2; }\n")
+    assert name != extension._build_name("demo", [src], ["-O3"], cuda=False)
+
+
+_FAILING_BUILD = """
+import json, warnings, torch
+from rwkv_lib.extension import ExtensionUnavailable, load_wkv_extension
+from rwkv_lib.wkv import wkv
+try:
+    load_wkv_extension()
+    message = None
+except ExtensionUnavailable as err:
+    message = str(err)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    y = wkv(torch.zeros(3), torch.zeros(3), torch.randn(1, 4, 3), torch.randn(1, 4, 3))
+print(json.dumps({"message": message, "warnings": [str(w.message) for w in caught],
+                  "finite": bool(torch.isfinite(y).all())}))
+"""
+
+
+@pytest.mark.parametrize(
+    "cxx, expected",
+    [("/nonexistent", r"compiler '/nonexistent' was not found; install a C\+\+ compiler"),
+     ("/bin/false", r"failed\. Fix: install a C\+\+ compiler")],
+    ids=["missing-compiler", "broken-compiler"],
+)
+def test_build_failure_raises_extension_unavailable(tmp_path, cxx, expected):
+    if not Path(cxx).exists() and cxx != "/nonexistent":
+        pytest.skip(f"{cxx} does not exist here")
+    out = _run_python(_FAILING_BUILD, CXX=cxx, RWKV_EXT_DIR=str(tmp_path / "fresh-cache"))
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["message"] is not None, "the build should have failed"
+    assert re.search(expected, result["message"]), result["message"]
+    # wkv(backend="auto") falls back to the PyTorch backend, saying why, once
+    assert result["finite"]
+    assert any("unavailable" in w for w in result["warnings"]), result["warnings"]
+
+
+@pytest.mark.parametrize("target", ["build flags", "x86-64-v3", "x86-64"])
+def test_cpu_inner_loops_are_vectorized(target):
+    """g++ must turn every `#pragma omp simd` channel loop of wkv_cpu.cpp into SIMD code:
+    with the flags of the build, and for AVX2 and plain SSE2 targets on x86-64."""
+    if target != "build flags" and platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("x86-64 targets")
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        pytest.skip(f"no C++ compiler {cxx!r}")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    if "Free Software Foundation" not in version:
+        pytest.skip("the vectorization report is checked for g++ only")
+    source = CUDA_DIR / "wkv_cpu.cpp"
+    lines = source.read_text().splitlines()
+    # 1-based number of the `for` line after each pragma
+    loops = [i + 2 for i, line in enumerate(lines) if line.strip() == "#pragma omp simd"]
+    assert len(loops) == 3
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    flags = extension._cpu_flags()
+    if target != "build flags":
+        flags = [f for f in flags if not f.startswith("-march")] + [f"-march={target}"]
+    cmd = [cxx, "-std=c++17", "-fPIC", *includes, *flags,
+           "-fopt-info-vec-optimized", "-c", str(source), "-o", os.devnull]
+    report = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    vectorized = {int(m) for m in re.findall(r"wkv_cpu\.cpp:(\d+):\d+: optimized: loop vectorized",
+                                             report.stderr)}
+    for line in loops:  # g++ names the loop's line or the first line of its body
+        assert vectorized & {line, line + 1}, f"the loop at wkv_cpu.cpp:{line} was not vectorized"
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_cuda_source_compiles_on_its_own(tmp_path, arch):
+    nvcc = shutil.which("nvcc") or extension._nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc is not installed; the CUDA source cannot be compile-checked")
+    out = subprocess.run(
+        [nvcc, "-c", f"-arch={arch}", "-O3", str(CUDA_DIR / "wkv_cuda.cu"), "-o",
+         str(tmp_path / "wkv_cuda.o")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "wkv_cuda.o").stat().st_size > 0
+
+
+def test_cpu_kernels_are_multithreaded(ext):
+    # at::parallel_for runs on one thread unless the extension itself is built with OpenMP
+    if extension._use_openmp():
+        assert ext.parallel == "openmp"
+
+
+def test_extension_status_reports_cpu(ext):
+    status = extension.extension_status()
+    assert status["cpu"] == "loaded"
+    assert status["ninja"] is True
+    if not torch.cuda.is_available():
+        assert status["cuda"].startswith("unavailable")
+
+
+# ---------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+
+
+def _cuda_ext():
+    module = load_wkv_extension()
+    if not module.has_cuda:
+        pytest.fail(f"a GPU is present but the extension has no CUDA kernels: "
+                    f"{extension._cuda_build_error}")
+    return module
+
+
+@pytest.mark.cuda
+def test_cuda_gradcheck_float64():
+    _cuda_ext()
+    inputs = [t.requires_grad_() for t in make_inputs(2, 6, 3, torch.float64, "cuda")]
+    assert torch.autograd.gradcheck(wkv_extension, inputs)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 1), (3, 17, 33), (2, 64, 515), (1, 4096, 5), (12, 128, 512)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+def test_cuda_matches_cpu(shape):
+    _cuda_ext()
+    inputs = make_inputs(*shape, k_scale=3.0)
+    grad_y = torch.randn(shape)
+    y, grads = value_and_grads(wkv_extension, inputs, grad_y)
+    y_gpu, grads_gpu = value_and_grads(
+        wkv_extension, [t.cuda() for t in inputs], grad_y.cuda()
+    )
+    assert_close_rel(y_gpu.cpu(), y, 1e-5, "y")
+    for name, g, g_gpu in zip(GRAD_NAMES, grads, grads_gpu, strict=True):
+        assert_close_rel(g_gpu.cpu(), g, 1e-4, name)
+
+
+@pytest.mark.cuda
+def test_cuda_extremes_state_and_half_precision():
+    _cuda_ext()
+    td, tf, k, v = make_inputs(2, 40, 7, device="cuda")
+    k = (torch.rand_like(k) * 2 - 1) * 1000
+    y = wkv_extension(td, tf, k, v)
+    y_ref = wkv_definition(*(t.double() for t in (td, tf, k, v)))
+    assert torch.isfinite(y).all()
+    assert_close_rel(y, y_ref, 1e-3, "y")
+    y1, state = wkv_extension(td, tf, k[:, :15], v[:, :15], return_state=True)
+    y2 = wkv_extension(td, tf, k[:, 15:], v[:, 15:], state=state)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y, rtol=1e-5, atol=1e-5)
+    for dtype in (torch.float16, torch.bfloat16):
+        y_half = wkv_extension(td, tf, k.to(dtype), v.to(dtype))
+        y32 = wkv_extension(td, tf, k.to(dtype).float(), v.to(dtype).float())
+        assert y_half.dtype == dtype
+        torch.testing.assert_close(y_half, y32.to(dtype), rtol=0, atol=0)
