@@ -129,6 +129,14 @@ def _torch_load(path: Path, map_location: Any) -> Any:
             zipfile.BadZipFile) as err:
         with open(path, "rb") as f:
             starts_like_zip = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+        if starts_like_zip and "Weights only load failed" in str(err):
+            problem = ("it holds Python objects that safe loading (weights_only=True) refuses "
+                       "to unpickle; it was not written by save_checkpoint, and only a file "
+                       "you trust should be opened with torch.load(weights_only=False)")
+            # torch's message runs to a page; its one line naming the refused object is enough
+            said = next((ln.strip() for ln in str(err).splitlines() if "Unsupported" in ln),
+                        str(err).splitlines()[0])
+            raise CheckpointError(f"{path}: {problem}; torch.load said: {said}") from err
         if starts_like_zip:
             problem = "truncated or corrupted (a copy cut short?)"
         else:

@@ -306,7 +306,48 @@ def load_wkv_extension(verbose: bool = False) -> types.ModuleType:
         _cuda_build_error = why_not
         return _build("rwkv_wkv", WKV_SOURCES, WKV_HEADERS, False, verbose)
 
-    return _load_cached("wkv", build)
+    module = _load_cached("wkv", build)
+    _register_fake_kernels()
+    return module
+
+
+@functools.cache
+def _register_fake_kernels() -> None:
+    """Shape-only versions of the two ops, so torch.compile can trace through them.
+
+    The compiler runs a model once on "fake" tensors that have shapes and dtypes but no
+    data; these functions tell it what the C++ ops would return. Registered once per
+    process, after the library that defines the ops is loaded.
+    """
+
+    def compute(k: torch.Tensor) -> torch.dtype:
+        return torch.float64 if k.dtype == torch.float64 else torch.float32
+
+    def check_devices(op: str, k: torch.Tensor, **others: torch.Tensor | None) -> None:
+        # the same message as the C++ check, which meta and fake tensors never reach
+        for name, t in others.items():
+            if t is not None and t.device != k.device:
+                raise RuntimeError(f"{op}: {name} is on {t.device} but k is on {k.device}; "
+                                   "all inputs must be on the same device")
+
+    @torch.library.register_fake("rwkv::wkv_forward")
+    def _(time_decay, time_first, k, v, state_a=None, state_b=None, state_p=None):
+        check_devices("wkv_forward", k, time_decay=time_decay, time_first=time_first, v=v,
+                      state_a=state_a, state_b=state_b, state_p=state_p)
+        B, _, C = k.shape
+        state = [k.new_empty((B, C), dtype=compute(k)) for _ in range(3)]
+        return (k.new_empty(k.shape), *state)
+
+    @torch.library.register_fake("rwkv::wkv_backward")
+    def _(time_decay, time_first, k, v, state_a, state_b, state_p, grad_y,
+          grad_state_a=None, grad_state_b=None):
+        B, _, C = k.shape
+        state = [
+            k.new_empty((B, C), dtype=s.dtype if s is not None else compute(k))
+            for s in (state_a, state_b, state_p)
+        ]
+        return (time_decay.new_empty(time_decay.shape), time_first.new_empty(time_first.shape),
+                k.new_empty(k.shape), v.new_empty(v.shape), *state)
 
 
 def load_sigmoid_extension(verbose: bool = False) -> types.ModuleType:
@@ -392,8 +433,15 @@ def wkv_extension(
     the same gradients as one call). A loss that uses a, b or p directly, rather than as
     the state of a following call, gets no gradient from them.
     """
-    module = load_wkv_extension()
-    _check_device(k, module)
+    if torch.compiler.is_compiling():
+        # Building and locking cannot be traced; the ops must exist already.
+        if not hasattr(torch.ops.rwkv, "wkv_forward"):
+            raise ExtensionUnavailable(
+                "torch.compile: call rwkv_lib.extension.load_wkv_extension() (or run the "
+                "model once) before compiling, so the WKV ops are registered"
+            )
+    else:
+        _check_device(k, load_wkv_extension())
     if state is None:
         state_a = state_b = state_p = None
     else:

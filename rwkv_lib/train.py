@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .checkpoint import (
     CheckpointError,
@@ -319,7 +319,8 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     if step == 0 and not metrics["val"]:
         # The untrained model, the curve's first point: about log2(vocabulary size).
         report(f"step      0 | val {evaluate() / math.log(2):.3f} bpb")
-    recent: list[float] = []
+    recent: list[float] = []  # losses since the last log line
+    since_eval: list[float] = []  # losses since the last evaluation
     first_step, train_time = step, 0.0
     model.train()
     for x, y in loader:
@@ -351,6 +352,7 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
         train_time += time.perf_counter() - t0
         bar.update(1)
         recent.append(loss_value)
+        since_eval.append(loss_value)
 
         if step % config.log_interval == 0 or step == end:
             mean = sum(recent) / len(recent)
@@ -362,7 +364,8 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
                             tok_s=f"{tok_s:,.0f}", refresh=False)
         if step % config.eval_interval == 0 or step == end:
             val_bpb = evaluate() / math.log(2)
-            train_bpb = metrics["train"][-1]["bpb"] if metrics["train"] else float("nan")
+            train_bpb = sum(since_eval) / len(since_eval) / math.log(2)
+            since_eval = []
             report(f"step {step:6d} | train {train_bpb:.3f} bpb | val {val_bpb:.3f} bpb | "
                    f"lr {lr:.2e}")
             write_metrics()
