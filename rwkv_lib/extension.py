@@ -1,4 +1,4 @@
-"""Building and loading the C++/CUDA extensions of the series (notebook 05_extension).
+"""Building and loading the C++/CUDA extensions of the series (notebook 05_cpp_extension).
 
 The sources live in `cuda/` at the root of the repository:
 

@@ -53,3 +53,11 @@ def test_every_notebook_is_listed_in_the_readme():
     notebooks = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
     for name in notebooks:
         assert name in readme, f"README.md does not list {name}"
+
+
+def test_the_readme_python_examples_run():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.+?)```", readme, re.S)
+    assert blocks, "README.md has no python example"
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
