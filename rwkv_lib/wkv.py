@@ -125,8 +125,9 @@ def wkv_pytorch(
     else:
         a, b, p = (s.to(dtype) for s in state)
     ys = []
-    for t in range(T):
-        kt, vt = k[:, t], v[:, t]
+    # unbind, not k[:, t]: the backward of each k[:, t] would write into a fresh (B, T, C)
+    # tensor of zeros, which makes the backward pass quadratic in T
+    for kt, vt in zip(k.unbind(1), v.unbind(1), strict=True):
         # output: the current token enters with bonus u, the past with its running sums
         q = torch.maximum(p, u + kt)
         e1, e2 = torch.exp(p - q), torch.exp(u + kt - q)
