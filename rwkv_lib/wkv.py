@@ -156,7 +156,8 @@ def wkv(
     """WKV of RWKV-4: y of shape (B, T, C), and the final state when `return_state`.
 
     time_decay, time_first: (C,); k, v: (B, T, C). `state` is an optional (a, b, p) to
-    continue from. Gradients flow to all four inputs; not through `state`.
+    continue from. Gradients flow to all four inputs, and through `state` when it comes
+    from an earlier call (chunks then get the same gradients as one long call).
     """
     global _warned_fallback
     if backend not in BACKENDS:

@@ -92,6 +92,24 @@ def test_chunked_with_state_equals_one_pass():
         torch.testing.assert_close(a, b)
 
 
+def test_gradients_flow_through_the_state_between_chunks():
+    inputs = _inputs(2, 12, 4, seed=5)
+    weight = torch.randn(2, 12, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def grads(chunked: bool):
+        td, tf, k, v = (t.clone().requires_grad_() for t in inputs)
+        if chunked:
+            y1, s = wkv(td, tf, k[:, :5], v[:, :5], backend="pytorch", return_state=True)
+            y2 = wkv(td, tf, k[:, 5:], v[:, 5:], backend="pytorch", state=s)
+            y = torch.cat([y1, y2], 1)
+        else:
+            y = wkv(td, tf, k, v, backend="pytorch")
+        return torch.autograd.grad((y * weight).sum(), (td, tf, k, v))
+
+    for g_chunked, g_whole in zip(grads(True), grads(False), strict=True):
+        torch.testing.assert_close(g_chunked, g_whole)
+
+
 def test_initial_state_values():
     a, b, p = initial_state(2, 3)
     assert a.abs().sum() == 0 and b.abs().sum() == 0 and (p == P_INIT).all()
