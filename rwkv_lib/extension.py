@@ -118,9 +118,8 @@ def _cpu_identity() -> str:
 
 
 def _cxx() -> str:
-    if os.name == "nt":
-        return "cl"
-    return os.environ.get("CXX", "c++")
+    # the compiler torch.utils.cpp_extension will run: $CXX, else its platform default
+    return os.environ.get("CXX", "cl" if os.name == "nt" else "c++")
 
 
 def _nvcc() -> str | None:
