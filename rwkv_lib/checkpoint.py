@@ -129,19 +129,19 @@ def _torch_load(path: Path, map_location: Any) -> Any:
             zipfile.BadZipFile) as err:
         with open(path, "rb") as f:
             starts_like_zip = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
-        if starts_like_zip and "Weights only load failed" in str(err):
+        said = str(err)
+        if not starts_like_zip:
+            problem = "not a torch.save zip archive (is it a checkpoint at all?)"
+        elif "Weights only load failed" in said:
             problem = ("it holds Python objects that safe loading (weights_only=True) refuses "
                        "to unpickle; it was not written by save_checkpoint, and only a file "
                        "you trust should be opened with torch.load(weights_only=False)")
             # torch's message runs to a page; its one line naming the refused object is enough
-            said = next((ln.strip() for ln in str(err).splitlines() if "Unsupported" in ln),
-                        str(err).splitlines()[0])
-            raise CheckpointError(f"{path}: {problem}; torch.load said: {said}") from err
-        if starts_like_zip:
-            problem = "truncated or corrupted (a copy cut short?)"
+            said = next((ln.strip() for ln in said.splitlines() if "Unsupported" in ln),
+                        said.splitlines()[0])
         else:
-            problem = "not a torch.save zip archive (is it a checkpoint at all?)"
-        raise CheckpointError(f"{path}: {problem}; torch.load said: {err}") from err
+            problem = "truncated or corrupted (a copy cut short?)"
+        raise CheckpointError(f"{path}: {problem}; torch.load said: {said}") from err
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:

@@ -116,7 +116,7 @@ def wkv_pytorch(
     """The stable recurrence (spec section 3), one time step per loop iteration."""
     in_dtype = k.dtype
     dtype = compute_dtype(in_dtype)
-    B, T, C = k.shape
+    B, _, C = k.shape
     w = -torch.exp(time_decay.to(dtype))
     u = time_first.to(dtype)
     k, v = k.to(dtype), v.to(dtype)
