@@ -4,7 +4,7 @@
 // compiled by the host C++ compiler) and the CUDA kernels (wkv_cuda.cu, compiled by nvcc)
 // both call these functions, so the CPU tests check exactly the math the GPU runs.
 //
-// Notation (spec section 3): w = -exp(time_decay) < 0, u = time_first. The running sums
+// Notation (docs/rwkv4.md, section 7): w = -exp(time_decay) < 0, u = time_first. The sums
 // of the past are kept as numerator A = a*e^p and denominator B = b*e^p, so that a and b
 // stay of order 1 (b >= 1 after the first token) whatever the size of k.
 //

@@ -10,7 +10,7 @@ largest logit:
 That is the gradient of the penalty 1e-4/(B*T) * sum over positions of max_logit^2 / 2,
 which is never added to the reported loss. It keeps the logits from drifting upward
 (softmax does not care about a constant shift, so nothing else stops them), which
-matters in bfloat16 where large logits lose precision (spec section 5).
+matters in bfloat16 where large logits lose precision (docs/rwkv4.md, section 12).
 
     loss = L2Wrap.apply(F.cross_entropy(logits.view(-1, V), targets.view(-1)), logits)
 """

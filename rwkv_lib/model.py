@@ -7,7 +7,7 @@ The same network runs in two modes:
   for generation. Both give the same logits (tests/test_model.py checks it).
 
 Parameter names follow RWKV-LM's RWKV-4 exactly, so state dicts move between the
-two projects unchanged. The model is written down in shared/design/rwkv-v4-spec.md.
+two projects unchanged. The model is written down in docs/rwkv4.md (sections 3 to 11).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.nn as nn
 from .wkv import P_INIT, compute_dtype, wkv
 
 # RNN-mode state: one float32 tensor of shape (n_layer, 5, B, C). Per layer, the five
-# C-vectors of the spec, in this order:
+# C-vectors of docs/rwkv4.md, section 9, in this order:
 STATE_ATT_X = 0  # previous input of time mixing (after ln1), for its token shift
 STATE_A = 1  # WKV numerator / e^p
 STATE_B = 2  # WKV denominator / e^p
@@ -269,7 +269,7 @@ def count_parameters(config: RWKVConfig) -> int:
 
 @torch.no_grad()
 def init_weights(model: RWKV) -> None:
-    """RWKV-4's initialization (spec section 4)."""
+    """RWKV-4's initialization (docs/rwkv4.md, section 11)."""
     c = model.config
     L, C, V = c.n_layer, c.n_embd, c.vocab_size
     nn.init.uniform_(model.emb.weight, -1e-4, 1e-4)
@@ -302,7 +302,7 @@ def init_weights(model: RWKV) -> None:
 
 
 def state_dict_names(config: RWKVConfig) -> list[str]:
-    """The parameter names of spec section 4, in RWKV-LM's order."""
+    """The parameter names of docs/rwkv4.md, section 10, in RWKV-LM's order."""
     names = ["emb.weight"]
     for l in range(config.n_layer):
         p = f"blocks.{l}."

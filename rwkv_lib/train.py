@@ -109,7 +109,7 @@ PRESETS: dict[str, TrainConfig] = {
         checkpoint_interval=5000,
     ),
     # RWKV-4's enwik8 recipe at 12 layers, the depth of the published comparisons
-    # (spec section 5). 100k steps of 12 x 1024 bytes is ~1.2G bytes, ~14 passes over train.
+    # (docs/rwkv4.md, section 13). 100k steps of 12 x 1024 bytes is ~1.2G bytes, ~14 passes.
     "enwik8": TrainConfig(
         preset="enwik8", corpus="enwik8", out_dir="runs/enwik8", n_layer=12, n_embd=512,
         ctx_len=1024, batch_size=12, max_steps=100_000, lr_init=8e-4, lr_final=1e-5,

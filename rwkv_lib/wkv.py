@@ -113,7 +113,7 @@ def wkv_pytorch(
     time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     state: WKVState | None = None, return_state: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, WKVState]:
-    """The stable recurrence (spec section 3), one time step per loop iteration."""
+    """The stable recurrence (docs/rwkv4.md, section 7.3), one time step per loop iteration."""
     in_dtype = k.dtype
     dtype = compute_dtype(in_dtype)
     B, _, C = k.shape

@@ -19,7 +19,7 @@ def _model(dtype=torch.float64, backend="pytorch", perturb=0.2, seed=0, **kw):
     cfg = RWKVConfig(**{"vocab_size": 40, "n_layer": 2, "n_embd": 12, "ctx_len": 16,
                         "wkv_backend": backend, **kw})
     model = RWKV(cfg).to(dtype)
-    # The spec's init zeroes several matrices; perturb everything so every path matters.
+    # RWKV-4's init zeroes several matrices; perturb everything so every path matters.
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * perturb)
