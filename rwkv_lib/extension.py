@@ -8,6 +8,10 @@ The sources live in `cuda/` at the root of the repository:
 - `wkv_ops.cpp`: the PyTorch bindings, registered as `torch.ops.rwkv.wkv_forward` /
   `torch.ops.rwkv.wkv_backward` and also as plain functions of the Python module.
 
+This module builds and loads them; their faces in Python live beside their siblings:
+`rwkv_lib.wkv_op` (the WKV operator's autograd Function and fake kernels, the "cpp" and
+"cuda" backends of `rwkv_lib.wkv`) and `rwkv_lib.sigmoid_op`.
+
 Nothing is compiled at import time. The first call of `load_wkv_extension()` compiles
 with `torch.utils.cpp_extension.load` and ninja into a cache directory outside the
 repository (`$RWKV_EXT_DIR`, else `rwkv_notebooks/` under torch's extensions directory),
@@ -46,8 +50,6 @@ WKV_SOURCES = ("wkv_ops.cpp", "wkv_cpu.cpp")
 WKV_CUDA_SOURCES = ("wkv_cuda.cu",)
 WKV_HEADERS = ("wkv_math.h",)  # not compiled on their own, but part of the hash
 SIGMOID_SOURCES = ("sigmoid.cpp",)
-
-WKVState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 _lock = threading.RLock()
 _loaded: dict[str, types.ModuleType] = {}
@@ -287,8 +289,9 @@ def _load_cached(key: str, build: Callable[[], types.ModuleType]) -> types.Modul
 def load_wkv_extension(verbose: bool = False) -> types.ModuleType:
     """The compiled WKV module (built on first use, cached on disk and per process).
 
-    Importing it also registers torch.ops.rwkv.wkv_forward and torch.ops.rwkv.wkv_backward.
-    The module's `has_cuda` says whether it contains the CUDA kernels. Raises
+    Importing it also registers torch.ops.rwkv.wkv_forward and torch.ops.rwkv.wkv_backward,
+    and loading registers their fake kernels (rwkv_lib.wkv_op), so that torch.compile can
+    trace them. The module's `has_cuda` says whether it contains the CUDA kernels. Raises
     ExtensionUnavailable when no build is possible.
     """
 
@@ -306,149 +309,24 @@ def load_wkv_extension(verbose: bool = False) -> types.ModuleType:
         return _build("rwkv_wkv", WKV_SOURCES, WKV_HEADERS, False, verbose)
 
     module = _load_cached("wkv", build)
-    _register_fake_kernels()
+    from .wkv_op import register_fake_kernels  # the ops' Python side; it imports this module
+
+    register_fake_kernels()
     return module
 
 
-@functools.cache
-def _register_fake_kernels() -> None:
-    """Shape-only versions of the two ops, so torch.compile can trace through them.
-
-    The compiler runs a model once on "fake" tensors that have shapes and dtypes but no
-    data; these functions tell it what the C++ ops would return. Registered once per
-    process, after the library that defines the ops is loaded.
-    """
-
-    def compute(k: torch.Tensor) -> torch.dtype:
-        return torch.float64 if k.dtype == torch.float64 else torch.float32
-
-    def check_devices(op: str, k: torch.Tensor, **others: torch.Tensor | None) -> None:
-        # the same message as the C++ check, which meta and fake tensors never reach
-        for name, t in others.items():
-            if t is not None and t.device != k.device:
-                raise RuntimeError(f"{op}: {name} is on {t.device} but k is on {k.device}; "
-                                   "all inputs must be on the same device")
-
-    @torch.library.register_fake("rwkv::wkv_forward")
-    def _(time_decay, time_first, k, v, state_a=None, state_b=None, state_p=None):
-        check_devices("wkv_forward", k, time_decay=time_decay, time_first=time_first, v=v,
-                      state_a=state_a, state_b=state_b, state_p=state_p)
-        B, _, C = k.shape
-        state = [k.new_empty((B, C), dtype=compute(k)) for _ in range(3)]
-        return (k.new_empty(k.shape), *state)
-
-    @torch.library.register_fake("rwkv::wkv_backward")
-    def _(time_decay, time_first, k, v, state_a, state_b, state_p, grad_y,
-          grad_state_a=None, grad_state_b=None):
-        B, _, C = k.shape
-        state = [
-            k.new_empty((B, C), dtype=s.dtype if s is not None else compute(k))
-            for s in (state_a, state_b, state_p)
-        ]
-        return (time_decay.new_empty(time_decay.shape), time_first.new_empty(time_first.shape),
-                k.new_empty(k.shape), v.new_empty(v.shape), *state)
+def wkv_cuda_unavailable_reason() -> str | None:
+    """Why the loaded WKV module has no CUDA kernels (None before loading, or when it has)."""
+    return _cuda_build_error
 
 
 def load_sigmoid_extension(verbose: bool = False) -> types.ModuleType:
-    """The teaching sigmoid extension (cuda/sigmoid.cpp): `forward(x)`, `backward(grad, y)`."""
+    """The teaching sigmoid extension (cuda/sigmoid.cpp): `forward(x)`, `backward(grad, y)`.
+
+    Its autograd Function is in rwkv_lib.sigmoid_op."""
     return _load_cached(
         "sigmoid", lambda: _build("rwkv_sigmoid", SIGMOID_SOURCES, (), False, verbose)
     )
-
-
-class _SigmoidFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        y = load_sigmoid_extension().forward(x)
-        ctx.save_for_backward(y)  # sigmoid' = y (1 - y): the output is all backward needs
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y: torch.Tensor) -> torch.Tensor:
-        (y,) = ctx.saved_tensors
-        return load_sigmoid_extension().backward(grad_y.contiguous(), y)
-
-
-def sigmoid_extension(x: torch.Tensor) -> torch.Tensor:
-    """Sigmoid computed by the C++ extension, differentiable (CPU tensors)."""
-    return _SigmoidFunction.apply(x)
-
-
-# ---------------------------------------------------------------------------------------
-# The WKV operator as an autograd Function
-
-
-class _WKVFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, time_decay, time_first, k, v, state_a, state_b, state_p):
-        y, a, b, p = torch.ops.rwkv.wkv_forward(
-            time_decay, time_first, k, v, state_a, state_b, state_p
-        )
-        # Backward replays the recurrence from the inputs: nothing of size (B, T, C)
-        # beyond the inputs themselves is kept alive between forward and backward.
-        ctx.save_for_backward(time_decay, time_first, k, v, state_a, state_b, state_p)
-        return y, a, b, p
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_a, grad_b, grad_p):
-        time_decay, time_first, k, v, state_a, state_b, state_p = ctx.saved_tensors
-        # grad_p is not used: the final state enters whatever follows only through
-        # A = a*e^p and B = b*e^p (as in a next call), and then dL/dp = ga*a + gb*b
-        # carries no information beyond grad_a and grad_b.
-        grads = torch.ops.rwkv.wkv_backward(
-            time_decay, time_first, k, v, state_a, state_b, state_p,
-            grad_y.contiguous(), grad_a, grad_b,
-        )
-        if state_a is None:
-            grads = grads[:4] + (None, None, None)
-        return grads
-
-
-def _check_device(k: torch.Tensor, module: types.ModuleType) -> None:
-    if k.device.type == "cuda" and not module.has_cuda:
-        raise ExtensionUnavailable(
-            f"the WKV extension was built without CUDA kernels: {_cuda_build_error}"
-        )
-
-
-def wkv_extension(
-    time_decay: torch.Tensor,
-    time_first: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    state: WKVState | None = None,
-    return_state: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, WKVState]:
-    """WKV of RWKV-4 with the C++ (CPU) or CUDA kernels, differentiable.
-
-    time_decay, time_first: (C,); k, v: (B, T, C), on the same device, any floating dtype
-    (float16/bfloat16 are computed in float32, float64 in float64); non-contiguous inputs
-    are copied. Returns y (B, T, C) in k's dtype, and with `return_state` also the final
-    state (a, b, p), each (B, C) in float32 (float64 for float64 k), to pass as `state` to
-    the next call; `state=None` starts from the empty state (a = b = 0, p = -1e38).
-
-    Gradients reach time_decay, time_first, k and v, and also flow through the state when
-    it is handed from one call to the next (training on a long sequence in chunks gives
-    the same gradients as one call). A loss that uses a, b or p directly, rather than as
-    the state of a following call, gets no gradient from them.
-    """
-    if torch.compiler.is_compiling():
-        # Building and locking cannot be traced; the ops must exist already.
-        if not hasattr(torch.ops.rwkv, "wkv_forward"):
-            raise ExtensionUnavailable(
-                "torch.compile: call rwkv_lib.extension.load_wkv_extension() (or run the "
-                "model once) before compiling, so the WKV ops are registered"
-            )
-    else:
-        _check_device(k, load_wkv_extension())
-    if state is None:
-        state_a = state_b = state_p = None
-    else:
-        if len(state) != 3:
-            raise ValueError("wkv_extension: state must be a tuple (a, b, p)")
-        state_a, state_b, state_p = state
-    y, a, b, p = _WKVFunction.apply(time_decay, time_first, k, v, state_a, state_b, state_p)
-    return (y, (a, b, p)) if return_state else y
 
 
 # ---------------------------------------------------------------------------------------

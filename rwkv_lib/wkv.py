@@ -11,7 +11,8 @@ Backends, all behind the one entry point `wkv(...)`:
   for teaching and as the float64 oracle of the tests.
 - "pytorch": the numerically stable recurrence, a Python loop over time; autograd
   differentiates it. Slow, but short and obviously right.
-- "cpp" / "cuda": the hand-written C++ and CUDA kernels of `cuda/` (see `rwkv_lib.extension`).
+- "cpp" / "cuda": the hand-written C++ and CUDA kernels of `cuda/`, differentiable through
+  `rwkv_lib.wkv_op` (built and loaded by `rwkv_lib.extension`).
 - "auto": the kernel for the tensors' device, falling back to "pytorch" (with one warning
   that says why) when the extension cannot be built.
 
@@ -144,7 +145,7 @@ def _extension(
     time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     state: WKVState | None, return_state: bool,
 ):
-    from .extension import wkv_extension  # imported lazily: building it is not free
+    from .wkv_op import wkv_extension  # imported lazily: it imports the build machinery
 
     return wkv_extension(time_decay, time_first, k, v, state=state, return_state=return_state)
 

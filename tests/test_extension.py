@@ -1,5 +1,6 @@
-"""The C++/CUDA WKV operator (rwkv_lib.extension) against the definition and the PyTorch
-backend: values, gradients, dtypes, extreme inputs, state, errors, and the build cache."""
+"""The C++/CUDA WKV operator (rwkv_lib.wkv_op, built by rwkv_lib.extension) against the
+definition and the PyTorch backend: values, gradients, dtypes, extreme inputs, state,
+errors, and the build cache."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ import torch
 from torch.utils import cpp_extension
 
 from rwkv_lib import extension
-from rwkv_lib.extension import load_wkv_extension, wkv_extension
+from rwkv_lib.extension import load_wkv_extension
 from rwkv_lib.wkv import initial_state, wkv_definition, wkv_pytorch
+from rwkv_lib.wkv_op import wkv_extension
 
 REPO = Path(__file__).resolve().parent.parent
 CUDA_DIR = REPO / "cuda"
