@@ -1,6 +1,6 @@
 """The C++/CUDA WKV operator (rwkv_lib.wkv_op, built by rwkv_lib.extension) against the
 definition and the PyTorch backend: values, gradients, dtypes, extreme inputs, state,
-errors, and the build cache."""
+errors, and the build cache (more on building in test_extension_build.py)."""
 
 from __future__ import annotations
 
