@@ -46,7 +46,7 @@ def register_fake_kernels() -> None:
 
     @torch.library.register_fake("rwkv::wkv_backward")
     def _(time_decay, time_first, k, v, state_a, state_b, state_p, grad_y,
-          grad_state_a=None, grad_state_b=None):
+          grad_state_a=None, grad_state_b=None, grad_state_p=None):
         B, _, C = k.shape
         state = [
             k.new_empty((B, C), dtype=s.dtype if s is not None else compute(k))
@@ -70,12 +70,11 @@ class _WKVFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, grad_a, grad_b, grad_p):
         time_decay, time_first, k, v, state_a, state_b, state_p = ctx.saved_tensors
-        # grad_p is not used: the final state enters whatever follows only through
-        # A = a*e^p and B = b*e^p (as in a next call), and then dL/dp = ga*a + gb*b
-        # carries no information beyond grad_a and grad_b.
+        # All three gradients of the final state count: a loss may use a, b or p directly,
+        # not only as the state of a next call (see cuda/wkv_math.h for the p part).
         grads = torch.ops.rwkv.wkv_backward(
             time_decay, time_first, k, v, state_a, state_b, state_p,
-            grad_y.contiguous(), grad_a, grad_b,
+            grad_y.contiguous(), grad_a, grad_b, grad_p,
         )
         if state_a is None:
             grads = grads[:4] + (None, None, None)
@@ -105,10 +104,10 @@ def wkv_extension(
     state (a, b, p), each (B, C) in float32 (float64 for float64 k), to pass as `state` to
     the next call; `state=None` starts from the empty state (a = b = 0, p = -1e38).
 
-    Gradients reach time_decay, time_first, k and v, and also flow through the state when
-    it is handed from one call to the next (training on a long sequence in chunks gives
-    the same gradients as one call). A loss that uses a, b or p directly, rather than as
-    the state of a following call, gets no gradient from them.
+    Gradients reach time_decay, time_first, k and v, and the initial state, from y and
+    from every part of the final state: when the state is handed to a next call (training
+    on a long sequence in chunks gives the same gradients as one call) and when a loss
+    uses a, b or p directly.
     """
     if torch.compiler.is_compiling():
         # Building and locking cannot be traced; the ops must exist already.
