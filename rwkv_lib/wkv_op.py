@@ -14,7 +14,7 @@ import functools
 import torch
 
 from .extension import ExtensionUnavailable, load_wkv_extension, wkv_cuda_unavailable_reason
-from .wkv import WKVState
+from .wkv import WKVState, check_state_types
 
 
 @functools.cache
@@ -118,11 +118,7 @@ def wkv_extension(
             )
     else:
         _check_device(k, load_wkv_extension())
-    if state is None:
-        state_a = state_b = state_p = None
-    else:
-        if len(state) != 3:
-            raise ValueError("wkv_extension: state must be a tuple (a, b, p)")
-        state_a, state_b, state_p = state
+    check_state_types(state, "wkv_extension")
+    state_a, state_b, state_p = (None, None, None) if state is None else state
     y, a, b, p = _WKVFunction.apply(time_decay, time_first, k, v, state_a, state_b, state_p)
     return (y, (a, b, p)) if return_state else y

@@ -405,6 +405,10 @@ def test_state_errors(ext):
         torch.ops.rwkv.wkv_forward(td, tf, k, v, a, None, p)
     with pytest.raises(ValueError, match="tuple"):
         wkv_extension(td, tf, k, v, state=(a, b))
+    with pytest.raises(TypeError, match="state p must be a tensor, got NoneType"):
+        wkv_extension(td, tf, k, v, state=[a, b, None])
+    with pytest.raises(TypeError, match="state a must be a floating-point tensor"):
+        wkv_extension(td, tf, k, v, state=(a.long(), b, p))
 
 
 # ---------------------------------------------------------------------------------------
