@@ -91,19 +91,27 @@ inline void save_and_update_channels(int64_t n, const F* WKV_RESTRICT w,
     }
 }
 
-// Backward, second pass (reverse time), from the state saved by the first pass.
-template <typename F>
+// Backward, second pass (reverse time), from the state saved by the first pass. With
+// kCarryP, also the path of p alone (wkv_backward_p_step); without it gp is not touched,
+// which is exact once gp is zero in every channel of the block: it stays zero.
+template <bool kCarryP, typename F>
 inline void backward_channels(int64_t n, const F* WKV_RESTRICT w, const F* WKV_RESTRICT u,
                               const F* WKV_RESTRICT k, const F* WKV_RESTRICT v,
                               const F* WKV_RESTRICT gy, const F* WKV_RESTRICT sa,
                               const F* WKV_RESTRICT sb, const F* WKV_RESTRICT sp,
                               F* WKV_RESTRICT gk, F* WKV_RESTRICT gv, F* WKV_RESTRICT ga,
-                              F* WKV_RESTRICT gb, F* WKV_RESTRICT gw, F* WKV_RESTRICT gu) {
+                              F* WKV_RESTRICT gb, F* WKV_RESTRICT gp, F* WKV_RESTRICT gw,
+                              F* WKV_RESTRICT gu) {
 #pragma omp simd
     for (int64_t c = 0; c < n; ++c) {
         F gac = ga[c], gbc = gb[c], gwc = gw[c], guc = gu[c], gkc, gvc;
         wkv_backward_step(w[c], u[c], k[c], v[c], gy[c], sa[c], sb[c], sp[c], gac, gbc, gwc,
                           guc, gkc, gvc);
+        if constexpr (kCarryP) {
+            F gpc = gp[c];
+            wkv_backward_p_step(w[c], k[c], sp[c], gpc, gkc, gwc);
+            gp[c] = gpc;
+        }
         gk[c] = gkc;
         gv[c] = gvc;
         ga[c] = gac;
@@ -111,6 +119,13 @@ inline void backward_channels(int64_t n, const F* WKV_RESTRICT w, const F* WKV_R
         gw[c] = gwc;
         gu[c] = guc;
     }
+}
+
+template <typename F>
+bool any_nonzero(int64_t n, const F* x) {
+    bool any = false;
+    for (int64_t c = 0; c < n; ++c) any |= x[c] != F(0);
+    return any;
 }
 
 // Calls fn(batch row, first channel, number of channels, scratch) for every block of
@@ -161,15 +176,15 @@ void forward_impl(int64_t B, int64_t T, int64_t C, const F* w, const F* u, const
 template <typename F>
 void backward_impl(int64_t B, int64_t T, int64_t C, const F* w, const F* u, const F* k,
                    const F* v, const F* a0, const F* b0, const F* p0, const F* gy,
-                   const F* gaT, const F* gbT, F* gw, F* gu, F* gk, F* gv, F* ga0, F* gb0,
-                   F* gp0) {
+                   const F* gaT, const F* gbT, const F* gpT, F* gw, F* gu, F* gk, F* gv,
+                   F* ga0, F* gb0, F* gp0) {
     // The reverse pass needs the state before every token: per block T x 3 x kBlock values
     // in a per-thread buffer, which stays in cache, instead of a (B, T, C) array.
     constexpr int64_t kBlock = kBackwardBlock;
     for_each_block<F>(B, C, kBlock, 3 * T * kBlock, [&](int64_t row, int64_t c0, int64_t n,
                                                         F* saved) {
         alignas(64) F a[kBlock], b[kBlock], p[kBlock];
-        alignas(64) F ga[kBlock], gb[kBlock], gwb[kBlock], gub[kBlock];
+        alignas(64) F ga[kBlock], gb[kBlock], gp[kBlock], gwb[kBlock], gub[kBlock];
         const int64_t s = row * C + c0;
         load_state(n, a0 ? a0 + s : nullptr, b0 ? b0 + s : nullptr, p0 ? p0 + s : nullptr, a,
                    b, p);
@@ -179,25 +194,37 @@ void backward_impl(int64_t B, int64_t T, int64_t C, const F* w, const F* u, cons
             save_and_update_channels(n, w + c0, k + i, v + i, a, b, p, st, st + kBlock,
                                      st + 2 * kBlock);
         }
-        for (int64_t c = 0; c < n; ++c) {
+        for (int64_t c = 0; c < n; ++c) {  // a, b: now the final state
             ga[c] = gaT ? gaT[s + c] : F(0);  // gradient arriving through the final state
             gb[c] = gbT ? gbT[s + c] : F(0);
+            gp[c] = (gpT ? gpT[s + c] : F(0)) - ga[c] * a[c] - gb[c] * b[c];  // G
             gwb[c] = F(0);
             gub[c] = F(0);
         }
+        // The p path usually ends within a few steps (at the first token whose key tops
+        // the decayed maximum), and with no gradient of the final state it never starts.
+        bool carry_p = any_nonzero(n, gp);
         for (int64_t t = T - 1; t >= 0; --t) {
             const int64_t i = (row * T + t) * C + c0;
             const F* st = saved + 3 * kBlock * t;
-            backward_channels(n, w + c0, u + c0, k + i, v + i, gy + i, st, st + kBlock,
-                              st + 2 * kBlock, gk + i, gv + i, ga, gb, gwb, gub);
+            if (carry_p) {
+                backward_channels<true>(n, w + c0, u + c0, k + i, v + i, gy + i, st,
+                                        st + kBlock, st + 2 * kBlock, gk + i, gv + i, ga, gb,
+                                        gp, gwb, gub);
+                carry_p = any_nonzero(n, gp);
+            } else {
+                backward_channels<false>(n, w + c0, u + c0, k + i, v + i, gy + i, st,
+                                         st + kBlock, st + 2 * kBlock, gk + i, gv + i, ga, gb,
+                                         gp, gwb, gub);
+            }
         }
         for (int64_t c = 0; c < n; ++c) {
             gw[s + c] = gwb[c];
             gu[s + c] = gub[c];
             if (ga0) ga0[s + c] = ga[c];
             if (gb0) gb0[s + c] = gb[c];
-            // p only scales a and b: dL/dp = dL/dA * A + dL/dB * B = ga*a + gb*b
-            if (gp0) gp0[s + c] = a0 && b0 ? ga[c] * a0[s + c] + gb[c] * b0[s + c] : F(0);
+            // p scales a and b: dL/dA * A + dL/dB * B = ga*a + gb*b, plus what is left of G
+            if (gp0 && a0 && b0) gp0[s + c] = ga[c] * a0[s + c] + gb[c] * b0[s + c] + gp[c];
         }
     });
 }
@@ -206,8 +233,9 @@ void backward_impl(int64_t B, int64_t T, int64_t C, const F* w, const F* u, cons
 
 // Entry points called by wkv_ops.cpp (declared there). All arrays contiguous; w and u have
 // C entries, k, v, y, gy, gk, gv are (B, T, C), states and gw, gu are (B, C).
-// Optional pointers may be null: a0/b0/p0 (start from the empty state), gaT/gbT (no
-// gradient through the final state), ga0/gb0/gp0 (initial-state gradient not wanted).
+// Optional pointers may be null: a0/b0/p0 (start from the empty state), gaT/gbT/gpT (a
+// zero gradient of that part of the final state), ga0/gb0/gp0 (initial-state gradient not
+// wanted).
 // gw and gu are per batch row; the caller sums them over the batch.
 
 void wkv_forward_cpu(int64_t B, int64_t T, int64_t C, const float* w, const float* u,
@@ -225,15 +253,17 @@ void wkv_forward_cpu(int64_t B, int64_t T, int64_t C, const double* w, const dou
 void wkv_backward_cpu(int64_t B, int64_t T, int64_t C, const float* w, const float* u,
                       const float* k, const float* v, const float* a0, const float* b0,
                       const float* p0, const float* gy, const float* gaT, const float* gbT,
-                      float* gw, float* gu, float* gk, float* gv, float* ga0, float* gb0,
-                      float* gp0) {
-    backward_impl(B, T, C, w, u, k, v, a0, b0, p0, gy, gaT, gbT, gw, gu, gk, gv, ga0, gb0, gp0);
+                      const float* gpT, float* gw, float* gu, float* gk, float* gv,
+                      float* ga0, float* gb0, float* gp0) {
+    backward_impl(B, T, C, w, u, k, v, a0, b0, p0, gy, gaT, gbT, gpT, gw, gu, gk, gv, ga0, gb0,
+                  gp0);
 }
 
 void wkv_backward_cpu(int64_t B, int64_t T, int64_t C, const double* w, const double* u,
                       const double* k, const double* v, const double* a0, const double* b0,
                       const double* p0, const double* gy, const double* gaT, const double* gbT,
-                      double* gw, double* gu, double* gk, double* gv, double* ga0, double* gb0,
-                      double* gp0) {
-    backward_impl(B, T, C, w, u, k, v, a0, b0, p0, gy, gaT, gbT, gw, gu, gk, gv, ga0, gb0, gp0);
+                      const double* gpT, double* gw, double* gu, double* gk, double* gv,
+                      double* ga0, double* gb0, double* gp0) {
+    backward_impl(B, T, C, w, u, k, v, a0, b0, p0, gy, gaT, gbT, gpT, gw, gu, gk, gv, ga0, gb0,
+                  gp0);
 }

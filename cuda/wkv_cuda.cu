@@ -45,11 +45,11 @@ __global__ void wkv_backward_kernel(int64_t B, int64_t T, int64_t C, const F* __
                                     const F* __restrict__ v, const F* __restrict__ a0,
                                     const F* __restrict__ b0, const F* __restrict__ p0,
                                     const F* __restrict__ gy, const F* __restrict__ gaT,
-                                    const F* __restrict__ gbT, F* __restrict__ saved_p,
-                                    F* __restrict__ gw, F* __restrict__ gu,
-                                    F* __restrict__ gk, F* __restrict__ gv,
-                                    F* __restrict__ ga0, F* __restrict__ gb0,
-                                    F* __restrict__ gp0) {
+                                    const F* __restrict__ gbT, const F* __restrict__ gpT,
+                                    F* __restrict__ saved_p, F* __restrict__ gw,
+                                    F* __restrict__ gu, F* __restrict__ gk,
+                                    F* __restrict__ gv, F* __restrict__ ga0,
+                                    F* __restrict__ gb0, F* __restrict__ gp0) {
     const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (idx >= B * C) return;
     const int64_t row = idx / C, c = idx % C;
@@ -66,12 +66,15 @@ __global__ void wkv_backward_kernel(int64_t B, int64_t T, int64_t C, const F* __
         wkv_update_step(ww, k[i], v[i], a, b, p);
     }
     // Pass 2, backward in time: scaled adjoints of the state, gradients of k and v.
+    // (a, b) is now the final state; gp starts as G of wkv_math.h.
     F ga = gaT ? gaT[idx] : F(0), gb = gbT ? gbT[idx] : F(0), gww = F(0), guu = F(0);
+    F gp = (gpT ? gpT[idx] : F(0)) - ga * a - gb * b;
     for (int64_t t = T - 1; t >= 0; --t) {
         const int64_t i = base + t * C;
         F gki, gvi;
         wkv_backward_step(ww, uu, k[i], v[i], gy[i], gk[i], gv[i], saved_p[i], ga, gb, gww,
                           guu, gki, gvi);
+        wkv_backward_p_step(ww, k[i], saved_p[i], gp, gki, gww);
         gk[i] = gki;
         gv[i] = gvi;
     }
@@ -79,7 +82,7 @@ __global__ void wkv_backward_kernel(int64_t B, int64_t T, int64_t C, const F* __
     gu[idx] = guu;
     if (ga0) ga0[idx] = ga;
     if (gb0) gb0[idx] = gb;
-    if (gp0) gp0[idx] = (a0 && b0) ? ga * a0[idx] + gb * b0[idx] : F(0);
+    if (gp0) gp0[idx] = (a0 && b0) ? ga * a0[idx] + gb * b0[idx] + gp : F(0);
 }
 
 int64_t blocks_for(int64_t B, int64_t C) { return (B * C + kThreads - 1) / kThreads; }
@@ -97,11 +100,12 @@ int launch_forward(int64_t B, int64_t T, int64_t C, const F* w, const F* u, cons
 template <typename F>
 int launch_backward(int64_t B, int64_t T, int64_t C, const F* w, const F* u, const F* k,
                     const F* v, const F* a0, const F* b0, const F* p0, const F* gy,
-                    const F* gaT, const F* gbT, F* saved_p, F* gw, F* gu, F* gk, F* gv,
-                    F* ga0, F* gb0, F* gp0, void* stream) {
+                    const F* gaT, const F* gbT, const F* gpT, F* saved_p, F* gw, F* gu, F* gk,
+                    F* gv, F* ga0, F* gb0, F* gp0, void* stream) {
     if (B * C == 0) return 0;
     wkv_backward_kernel<F><<<blocks_for(B, C), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-        B, T, C, w, u, k, v, a0, b0, p0, gy, gaT, gbT, saved_p, gw, gu, gk, gv, ga0, gb0, gp0);
+        B, T, C, w, u, k, v, a0, b0, p0, gy, gaT, gbT, gpT, saved_p, gw, gu, gk, gv, ga0, gb0,
+        gp0);
     return static_cast<int>(cudaGetLastError());
 }
 
@@ -117,10 +121,11 @@ int launch_backward(int64_t B, int64_t T, int64_t C, const F* w, const F* u, con
     }                                                                                        \
     int wkv_backward_cuda(int64_t B, int64_t T, int64_t C, const F* w, const F* u,           \
                           const F* k, const F* v, const F* a0, const F* b0, const F* p0,     \
-                          const F* gy, const F* gaT, const F* gbT, F* saved_p, F* gw,        \
-                          F* gu, F* gk, F* gv, F* ga0, F* gb0, F* gp0, void* stream) {       \
-        return launch_backward(B, T, C, w, u, k, v, a0, b0, p0, gy, gaT, gbT, saved_p, gw,   \
-                               gu, gk, gv, ga0, gb0, gp0, stream);                           \
+                          const F* gy, const F* gaT, const F* gbT, const F* gpT,             \
+                          F* saved_p, F* gw, F* gu, F* gk, F* gv, F* ga0, F* gb0, F* gp0,    \
+                          void* stream) {                                                    \
+        return launch_backward(B, T, C, w, u, k, v, a0, b0, p0, gy, gaT, gbT, gpT, saved_p,  \
+                               gw, gu, gk, gv, ga0, gb0, gp0, stream);                       \
     }
 
 WKV_DEFINE_LAUNCHERS(float)

@@ -24,6 +24,16 @@
 // bounded by the sum of |dL/dy|. In these scaled terms every exponential above becomes one
 // of the two weights the forward step computes, each at most 1 (see wkv_backward_step),
 // so nothing overflows whatever the size of k.
+//
+// p on its own. The outputs depend on A and B only, but a loss may also use the final
+// (a, b, p) directly. With ga, gb, gp = dL/da, dL/db, dL/dp of the final state, a = A e^{-p}
+// and b = B e^{-p} give dL/dA = ga e^{-p}, dL/dB = gb e^{-p} (the scaled adjoints above),
+// and leave G = gp - ga a - gb b as the gradient of p with A and B held fixed (G = 0 when
+// the state only feeds a next call). p follows the max chain p' = max(p + w, k_t), so
+// walking back: where step t took the p + w side, G passes to the p before it and
+// dL/dw += G; where it took k_t, dL/dk_t += G and G stops. What is left at t = 0 adds to
+// dL/dp0 = ga a0 + gb b0. A tie (p + w == k_t) counts as the p + w side, as in
+// wkv_rescale; torch.maximum would split G in halves there (both are subgradients of max).
 #pragma once
 
 #include <cmath>
@@ -97,4 +107,15 @@ WKV_HD void wkv_backward_step(F w, F u, F k, F v, F gy, F a, F b, F p, F& ga, F&
     const F g_past = g * e1o;  // dL/dy_t * e^p/den
     ga = g_past + e1u * ga;
     gb = e1u * gb - g_past * y;
+}
+
+// The rest of the backward step at time t: the path of p alone ("p on its own" above).
+// In: p before token t and gp = G after it. Out: G before token t; gk (of this step's
+// wkv_backward_step) and gw get their share.
+template <typename F>
+WKV_HD void wkv_backward_p_step(F w, F k, F p, F& gp, F& gk, F& gw) {
+    const bool decayed = (p + w) - k >= F(0);  // the side wkv_rescale took for p'
+    gk += decayed ? F(0) : gp;
+    gw += decayed ? gp : F(0);
+    gp = decayed ? gp : F(0);
 }

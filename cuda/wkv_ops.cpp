@@ -30,8 +30,8 @@
                          F* bT, F* pT);                                                     \
     void wkv_backward_cpu(int64_t B, int64_t T, int64_t C, const F* w, const F* u,          \
                           const F* k, const F* v, const F* a0, const F* b0, const F* p0,    \
-                          const F* gy, const F* gaT, const F* gbT, F* gw, F* gu, F* gk,     \
-                          F* gv, F* ga0, F* gb0, F* gp0);
+                          const F* gy, const F* gaT, const F* gbT, const F* gpT, F* gw,     \
+                          F* gu, F* gk, F* gv, F* ga0, F* gb0, F* gp0);
 WKV_DECLARE_CPU(float)
 WKV_DECLARE_CPU(double)
 
@@ -43,8 +43,9 @@ WKV_DECLARE_CPU(double)
                          F* y, F* aT, F* bT, F* pT, void* stream);                         \
     int wkv_backward_cuda(int64_t B, int64_t T, int64_t C, const F* w, const F* u,         \
                           const F* k, const F* v, const F* a0, const F* b0, const F* p0,   \
-                          const F* gy, const F* gaT, const F* gbT, F* saved_p, F* gw,      \
-                          F* gu, F* gk, F* gv, F* ga0, F* gb0, F* gp0, void* stream);
+                          const F* gy, const F* gaT, const F* gbT, const F* gpT,           \
+                          F* saved_p, F* gw, F* gu, F* gk, F* gv, F* ga0, F* gb0, F* gp0,  \
+                          void* stream);
 WKV_DECLARE_CUDA(float)
 WKV_DECLARE_CUDA(double)
 const char* wkv_cuda_error_string(int code);
@@ -188,7 +189,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> wkv_forward(const Tensor& time_decay,
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> wkv_backward(
     const Tensor& time_decay, const Tensor& time_first, const Tensor& k, const Tensor& v,
     const OptTensor& state_a, const OptTensor& state_b, const OptTensor& state_p,
-    const Tensor& grad_y, const OptTensor& grad_state_a, const OptTensor& grad_state_b) {
+    const Tensor& grad_y, const OptTensor& grad_state_a, const OptTensor& grad_state_b,
+    const OptTensor& grad_state_p) {
     const char* op = "wkv_backward";
     int64_t B, T, C;
     std::tie(B, T, C) =
@@ -196,7 +198,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> wkv_backward(
     TORCH_CHECK(grad_y.sizes() == k.sizes(), op, ": grad_y has shape ", grad_y.sizes(),
                 " but k has ", k.sizes());
     check_tensor(op, "grad_y", grad_y, k);
-    const OptTensor* grad_states[2] = {&grad_state_a, &grad_state_b};
+    const OptTensor* grad_states[3] = {&grad_state_a, &grad_state_b, &grad_state_p};
     for (const OptTensor* g : grad_states) {
         if (given(*g)) {
             TORCH_CHECK((*g)->dim() == 2 && (*g)->size(0) == B && (*g)->size(1) == C, op,
@@ -211,7 +213,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> wkv_backward(
     const Tensor kc = prepared(k, dtype), vc = prepared(v, dtype), gy = prepared(grad_y, dtype);
     const Tensor a0 = prepared(state_a, dtype), b0 = prepared(state_b, dtype),
                  p0 = prepared(state_p, dtype);
-    const Tensor gaT = prepared(grad_state_a, dtype), gbT = prepared(grad_state_b, dtype);
+    const Tensor gaT = prepared(grad_state_a, dtype), gbT = prepared(grad_state_b, dtype),
+                 gpT = prepared(grad_state_p, dtype);
     const bool has_state = a0.defined();
     Tensor gk = at::empty({B, T, C}, opts), gv = at::empty({B, T, C}, opts);
     Tensor gw = at::empty({B, C}, opts), gu = at::empty({B, C}, opts);
@@ -231,8 +234,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> wkv_backward(
             check_cuda(wkv_backward_cuda(
                 B, T, C, w.data_ptr<F>(), u.data_ptr<F>(), kc.data_ptr<F>(), vc.data_ptr<F>(),
                 ptr_or_null<F>(a0), ptr_or_null<F>(b0), ptr_or_null<F>(p0), gy.data_ptr<F>(),
-                ptr_or_null<F>(gaT), ptr_or_null<F>(gbT), saved_p.data_ptr<F>(),
-                gw.data_ptr<F>(), gu.data_ptr<F>(), gk.data_ptr<F>(), gv.data_ptr<F>(),
+                ptr_or_null<F>(gaT), ptr_or_null<F>(gbT), ptr_or_null<F>(gpT),
+                saved_p.data_ptr<F>(), gw.data_ptr<F>(), gu.data_ptr<F>(), gk.data_ptr<F>(),
+                gv.data_ptr<F>(),
                 mut_ptr_or_null<F>(ga0_out), mut_ptr_or_null<F>(gb0_out),
                 mut_ptr_or_null<F>(gp0_out), c10::cuda::getCurrentCUDAStream().stream()));
 #endif
@@ -240,8 +244,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> wkv_backward(
             wkv_backward_cpu(B, T, C, w.data_ptr<F>(), u.data_ptr<F>(), kc.data_ptr<F>(),
                              vc.data_ptr<F>(), ptr_or_null<F>(a0), ptr_or_null<F>(b0),
                              ptr_or_null<F>(p0), gy.data_ptr<F>(), ptr_or_null<F>(gaT),
-                             ptr_or_null<F>(gbT), gw.data_ptr<F>(), gu.data_ptr<F>(),
-                             gk.data_ptr<F>(), gv.data_ptr<F>(),
+                             ptr_or_null<F>(gbT), ptr_or_null<F>(gpT), gw.data_ptr<F>(),
+                             gu.data_ptr<F>(), gk.data_ptr<F>(), gv.data_ptr<F>(),
                              mut_ptr_or_null<F>(ga0_out), mut_ptr_or_null<F>(gb0_out),
                              mut_ptr_or_null<F>(gp0_out));
         }
@@ -267,7 +271,7 @@ TORCH_LIBRARY(rwkv, m) {
     m.def(
         "wkv_backward(Tensor time_decay, Tensor time_first, Tensor k, Tensor v, "
         "Tensor? state_a, Tensor? state_b, Tensor? state_p, Tensor grad_y, "
-        "Tensor? grad_state_a=None, Tensor? grad_state_b=None) "
+        "Tensor? grad_state_a=None, Tensor? grad_state_b=None, Tensor? grad_state_p=None) "
         "-> (Tensor grad_time_decay, Tensor grad_time_first, Tensor grad_k, Tensor grad_v, "
         "Tensor grad_state_a, Tensor grad_state_b, Tensor grad_state_p)");
 }
@@ -291,7 +295,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "gradients of time_decay, time_first, k, v and of the initial state (a, b, p)",
           py::arg("time_decay"), py::arg("time_first"), py::arg("k"), py::arg("v"),
           py::arg("state_a"), py::arg("state_b"), py::arg("state_p"), py::arg("grad_y"),
-          py::arg("grad_state_a") = py::none(), py::arg("grad_state_b") = py::none());
+          py::arg("grad_state_a") = py::none(), py::arg("grad_state_b") = py::none(),
+          py::arg("grad_state_p") = py::none());
 #ifdef WITH_CUDA
     m.attr("has_cuda") = true;
 #else

@@ -8,6 +8,10 @@ The sources live in `cuda/` at the root of the repository:
 - `wkv_ops.cpp`: the PyTorch bindings, registered as `torch.ops.rwkv.wkv_forward` /
   `torch.ops.rwkv.wkv_backward` and also as plain functions of the Python module.
 
+This module builds and loads them; their faces in Python live beside their siblings:
+`rwkv_lib.wkv_op` (the WKV operator's autograd Function and fake kernels, the "cpp" and
+"cuda" backends of `rwkv_lib.wkv`) and `rwkv_lib.sigmoid_op`.
+
 Nothing is compiled at import time. The first call of `load_wkv_extension()` compiles
 with `torch.utils.cpp_extension.load` and ninja into a cache directory outside the
 repository (`$RWKV_EXT_DIR`, else `rwkv_notebooks/` under torch's extensions directory),
@@ -17,29 +21,48 @@ the versions of Python and torch, so an edited source is rebuilt automatically (
 process: a process keeps the version it loaded first). Compiler output is shown only with
 `verbose=True` or the environment variable `RWKV_EXT_VERBOSE=1`.
 
+A cached library is imported only once it is known to be whole. A successful build ends by
+writing a manifest with the library's size and SHA-256 (atomically, after the import
+worked); a library without a matching manifest (a build killed halfway, a truncated or
+overwritten file, which could crash Python on import) is deleted with the rest of its
+build folder and rebuilt. One process at a time builds a given folder: it holds an OS lock
+on a file there for the whole build, which the kernel releases if the process dies, so a
+killed build never blocks the next one; a process that has to wait for a live build says
+on stderr for whom it waits.
+
 The CUDA kernels are compiled in when torch was built with CUDA, a GPU is visible and
-nvcc is found; otherwise the build is CPU-only. When a build is impossible, the loaders
-raise `ExtensionUnavailable`, whose message says why and what to install;
+nvcc is found; otherwise the build is CPU-only. When a build is impossible (no compiler,
+a failed compile, a cache directory that cannot be written), the loaders raise
+`ExtensionUnavailable`, whose message says why and what to do;
 `rwkv_lib.wkv.wkv(..., backend="auto")` then falls back to its PyTorch backend.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import threading
+import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch.utils import cpp_extension
+
+if os.name == "nt":
+    import msvcrt
+else:
+    import fcntl
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "cuda"
 WKV_SOURCES = ("wkv_ops.cpp", "wkv_cpu.cpp")
@@ -47,7 +70,13 @@ WKV_CUDA_SOURCES = ("wkv_cuda.cu",)
 WKV_HEADERS = ("wkv_math.h",)  # not compiled on their own, but part of the hash
 SIGMOID_SOURCES = ("sigmoid.cpp",)
 
-WKVState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# Part of every build's name: it changes whenever what a build folder holds changes meaning
+# (here: a library counts only with its manifest), so folders of older versions, which
+# other checkouts may still use, are never touched.
+CACHE_LAYOUT = "manifest-1"
+MANIFEST_NAME = "rwkv_manifest.json"
+LOCK_NAME = "rwkv_build.lock"  # held (flock / msvcrt.locking) while a process builds
+OWNER_NAME = "rwkv_build.owner"  # who holds it, for the message of a process that waits
 
 _lock = threading.RLock()
 _loaded: dict[str, types.ModuleType] = {}
@@ -178,6 +207,7 @@ def _build_name(prefix: str, files: list[Path], flags: list[str], cuda: bool) ->
         h.update(path.name.encode())
         h.update(path.read_bytes())
     config = [
+        CACHE_LAYOUT,
         *flags,
         torch.__version__,
         str(torch.version.cuda),
@@ -194,19 +224,6 @@ def _build_name(prefix: str, files: list[Path], flags: list[str], cuda: bool) ->
     return f"{prefix}_{'cuda' if cuda else 'cpu'}_{h.hexdigest()[:16]}"
 
 
-def _import_built(name: str, build_dir: Path) -> types.ModuleType | None:
-    """Import an already compiled library of this name, or return None if there is none."""
-    path = build_dir / f"{name}{'.pyd' if os.name == 'nt' else '.so'}"
-    if not path.exists():
-        return None
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        return None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _plan(prefix: str, sources: tuple[str, ...], headers: tuple[str, ...],
           cuda: bool) -> tuple[list[Path], list[str], list[str], str]:
     """Files, C++ flags, nvcc flags and cache name of one build."""
@@ -219,34 +236,161 @@ def _plan(prefix: str, sources: tuple[str, ...], headers: tuple[str, ...],
     return files, cflags, cuda_flags, name
 
 
-def _build(prefix: str, sources: tuple[str, ...], headers: tuple[str, ...], cuda: bool,
-           verbose: bool) -> types.ModuleType:
-    """Build (or find in the cache) and import one extension; raise ExtensionUnavailable."""
-    files, cflags, cuda_flags, name = _plan(prefix, sources, headers, cuda)
-    missing = [str(p) for p in files if not p.exists()]
-    if missing:
-        raise ExtensionUnavailable(
-            f"the extension's C++ sources were not found ({', '.join(missing)}); they ship "
-            "with the repository, so install rwkv_lib from a checkout with `pip install -e .`"
-        )
-    build_dir = cache_dir() / name
+# ---------------------------------------------------------------------------------------
+# The cache: verified libraries, one builder per folder
+
+
+def _library_path(build_dir: Path, name: str) -> Path:
+    return build_dir / f"{name}{'.pyd' if os.name == 'nt' else '.so'}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _is_verified(library: Path) -> bool:
+    """Whether the library is the one its build's manifest describes (size and SHA-256)."""
     try:
-        module = _import_built(name, build_dir)
-        if module is not None:
-            if _verbose(verbose):
-                print(f"rwkv_lib.extension: using the cached build {module.__file__}")
-            return module
-    except ImportError:
-        pass  # a broken or partial library: let cpp_extension rebuild it
-    problem = _missing_tools()
-    if problem is not None:
-        raise ExtensionUnavailable(f"cannot build the C++ extension: {problem}")
-    build_dir.mkdir(parents=True, exist_ok=True)
-    compiled = [str(SOURCE_DIR / s) for s in sources]
+        manifest = json.loads((library.parent / MANIFEST_NAME).read_text())
+        return (manifest["library"] == library.name
+                and manifest["size"] == library.stat().st_size
+                and manifest["sha256"] == _sha256(library))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _write_manifest(library: Path) -> None:
+    record = {"library": library.name, "size": library.stat().st_size,
+              "sha256": _sha256(library), "torch": torch.__version__}
+    tmp = library.parent / f"{MANIFEST_NAME}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, library.parent / MANIFEST_NAME)  # readers see no manifest or a whole one
+
+
+def _import_library(name: str, library: Path) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(name, library)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {library}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _import_cached(name: str, build_dir: Path, verbose: bool) -> types.ModuleType | None:
+    """The cached library, imported, if there is a verified one; else None.
+
+    Verification comes first because importing a damaged library can kill the process
+    (SIGBUS on a truncated file), where no exception could be caught. A verified library
+    that does not import is not rebuilt on every call: the cause lies in this environment
+    (a missing system library, say), which a rebuild of identical sources rarely fixes."""
+    library = _library_path(build_dir, name)
+    if not _is_verified(library):
+        return None
+    try:
+        module = _import_library(name, library)
+    except ImportError as err:
+        raise ExtensionUnavailable(
+            f"the compiled extension {library} is whole but does not load here: {err}. "
+            f"Fix what the message names, or delete {build_dir} to rebuild it"
+        ) from err
+    if _verbose(verbose):
+        print(f"rwkv_lib.extension: using the cached build {library}")
+    return module
+
+
+if os.name == "nt":
+
+    def _try_lock(fd: int) -> bool:
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+
+    def _wait_lock(fd: int) -> None:
+        while not _try_lock(fd):
+            time.sleep(0.5)
+
+    def _unlock(fd: int) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+else:
+
+    def _try_lock(fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    def _wait_lock(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+    def _unlock(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path, name: str) -> Iterator[None]:
+    """Hold the build folder's lock for the duration of the block.
+
+    An OS lock, not a lock file that must be deleted: the kernel releases it when its
+    process ends, however it ends, so a killed build cannot leave it held. (Python's file
+    descriptors are not inherited, so compilers left running by a killed build do not
+    hold it either.) While another live process holds it, say so, once, and wait.
+    """
+    fd = os.open(build_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if not _try_lock(fd):
+            try:
+                owner = (build_dir / OWNER_NAME).read_text().strip()
+            except OSError:
+                owner = ""
+            print(f"rwkv_lib.extension: waiting for {owner or 'another process'} to finish "
+                  f"building {name} in {build_dir}", file=sys.stderr, flush=True)
+            _wait_lock(fd)
+        try:
+            (build_dir / OWNER_NAME).write_text(
+                f"process {os.getpid()} on {socket.gethostname()}\n")
+            yield
+        finally:
+            _unlock(fd)
+    finally:
+        os.close(fd)
+
+
+def _clear_build_outputs(build_dir: Path) -> None:
+    """Delete what earlier builds left in the folder, whole or not, except the lock.
+
+    Ninja would otherwise take a damaged library that is newer than its objects for up to
+    date, and torch's own lock file (torch.utils.file_baton), left behind by a killed build,
+    would make cpp_extension.load wait for it forever. The folder's name is unique to the
+    sources and flags, so nothing reusable is lost."""
+    (build_dir / MANIFEST_NAME).unlink(missing_ok=True)  # first: no moment with a stale one
+    for entry in build_dir.iterdir():
+        if entry.name in (LOCK_NAME, OWNER_NAME):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _compile(name: str, build_dir: Path, sources: tuple[str, ...], cflags: list[str],
+             cuda_flags: list[str], cuda: bool, verbose: bool) -> types.ModuleType:
     try:
         return cpp_extension.load(
             name=name,
-            sources=compiled,
+            sources=[str(SOURCE_DIR / s) for s in sources],
             extra_cflags=cflags,
             extra_cuda_cflags=cuda_flags or None,
             extra_include_paths=[str(SOURCE_DIR)],
@@ -260,9 +404,50 @@ def _build(prefix: str, sources: tuple[str, ...], headers: tuple[str, ...], cuda
         tail = "\n".join(log[-12:])
         raise ExtensionUnavailable(
             f"building the C++ extension {name!r} in {build_dir} failed. "
-            f"Fix: {_fix_hint(cuda)} (deleting that folder forces a clean rebuild)."
-            f"\nLast lines of the build output:\n{tail}"
+            f"Fix: {_fix_hint(cuda)}.\nLast lines of the build output:\n{tail}"
         ) from err
+
+
+def _build(prefix: str, sources: tuple[str, ...], headers: tuple[str, ...], cuda: bool,
+           verbose: bool) -> types.ModuleType:
+    """Import one extension from the cache, building it first if needed.
+
+    Every way this can fail raises ExtensionUnavailable."""
+    try:
+        files, cflags, cuda_flags, name = _plan(prefix, sources, headers, cuda)
+    except (OSError, RuntimeError) as err:  # unreadable sources, a GPU that fails to answer
+        raise ExtensionUnavailable(f"cannot prepare the build of {prefix}: {err}") from err
+    missing = [str(p) for p in files if not p.exists()]
+    if missing:
+        raise ExtensionUnavailable(
+            f"the extension's C++ sources were not found ({', '.join(missing)}); they ship "
+            "with the repository, so install rwkv_lib from a checkout with `pip install -e .`"
+        )
+    build_dir = cache_dir() / name
+    module = _import_cached(name, build_dir, verbose)  # no lock, no writes: a read-only
+    if module is not None:                             # cache of good builds works
+        return module
+    problem = _missing_tools()
+    if problem is not None:
+        raise ExtensionUnavailable(f"cannot build the C++ extension: {problem}")
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        with _build_lock(build_dir, name):
+            module = _import_cached(name, build_dir, verbose)  # built while we waited?
+            if module is None:
+                _clear_build_outputs(build_dir)
+                module = _compile(name, build_dir, sources, cflags, cuda_flags, cuda, verbose)
+                library = _library_path(build_dir, name)
+                try:
+                    _write_manifest(library)
+                except OSError:
+                    pass  # the module works; without a manifest the next process rebuilds
+    except OSError as err:
+        raise ExtensionUnavailable(
+            f"cannot build the C++ extension in {build_dir}: {err}. Set RWKV_EXT_DIR to a "
+            "folder you can write to, where the compiled extensions are kept"
+        ) from err
+    return module
 
 
 def _load_cached(key: str, build: Callable[[], types.ModuleType]) -> types.ModuleType:
@@ -287,8 +472,9 @@ def _load_cached(key: str, build: Callable[[], types.ModuleType]) -> types.Modul
 def load_wkv_extension(verbose: bool = False) -> types.ModuleType:
     """The compiled WKV module (built on first use, cached on disk and per process).
 
-    Importing it also registers torch.ops.rwkv.wkv_forward and torch.ops.rwkv.wkv_backward.
-    The module's `has_cuda` says whether it contains the CUDA kernels. Raises
+    Importing it also registers torch.ops.rwkv.wkv_forward and torch.ops.rwkv.wkv_backward,
+    and loading registers their fake kernels (rwkv_lib.wkv_op), so that torch.compile can
+    trace them. The module's `has_cuda` says whether it contains the CUDA kernels. Raises
     ExtensionUnavailable when no build is possible.
     """
 
@@ -306,149 +492,24 @@ def load_wkv_extension(verbose: bool = False) -> types.ModuleType:
         return _build("rwkv_wkv", WKV_SOURCES, WKV_HEADERS, False, verbose)
 
     module = _load_cached("wkv", build)
-    _register_fake_kernels()
+    from .wkv_op import register_fake_kernels  # the ops' Python side; it imports this module
+
+    register_fake_kernels()
     return module
 
 
-@functools.cache
-def _register_fake_kernels() -> None:
-    """Shape-only versions of the two ops, so torch.compile can trace through them.
-
-    The compiler runs a model once on "fake" tensors that have shapes and dtypes but no
-    data; these functions tell it what the C++ ops would return. Registered once per
-    process, after the library that defines the ops is loaded.
-    """
-
-    def compute(k: torch.Tensor) -> torch.dtype:
-        return torch.float64 if k.dtype == torch.float64 else torch.float32
-
-    def check_devices(op: str, k: torch.Tensor, **others: torch.Tensor | None) -> None:
-        # the same message as the C++ check, which meta and fake tensors never reach
-        for name, t in others.items():
-            if t is not None and t.device != k.device:
-                raise RuntimeError(f"{op}: {name} is on {t.device} but k is on {k.device}; "
-                                   "all inputs must be on the same device")
-
-    @torch.library.register_fake("rwkv::wkv_forward")
-    def _(time_decay, time_first, k, v, state_a=None, state_b=None, state_p=None):
-        check_devices("wkv_forward", k, time_decay=time_decay, time_first=time_first, v=v,
-                      state_a=state_a, state_b=state_b, state_p=state_p)
-        B, _, C = k.shape
-        state = [k.new_empty((B, C), dtype=compute(k)) for _ in range(3)]
-        return (k.new_empty(k.shape), *state)
-
-    @torch.library.register_fake("rwkv::wkv_backward")
-    def _(time_decay, time_first, k, v, state_a, state_b, state_p, grad_y,
-          grad_state_a=None, grad_state_b=None):
-        B, _, C = k.shape
-        state = [
-            k.new_empty((B, C), dtype=s.dtype if s is not None else compute(k))
-            for s in (state_a, state_b, state_p)
-        ]
-        return (time_decay.new_empty(time_decay.shape), time_first.new_empty(time_first.shape),
-                k.new_empty(k.shape), v.new_empty(v.shape), *state)
+def wkv_cuda_unavailable_reason() -> str | None:
+    """Why the loaded WKV module has no CUDA kernels (None before loading, or when it has)."""
+    return _cuda_build_error
 
 
 def load_sigmoid_extension(verbose: bool = False) -> types.ModuleType:
-    """The teaching sigmoid extension (cuda/sigmoid.cpp): `forward(x)`, `backward(grad, y)`."""
+    """The teaching sigmoid extension (cuda/sigmoid.cpp): `forward(x)`, `backward(grad, y)`.
+
+    Its autograd Function is in rwkv_lib.sigmoid_op."""
     return _load_cached(
         "sigmoid", lambda: _build("rwkv_sigmoid", SIGMOID_SOURCES, (), False, verbose)
     )
-
-
-class _SigmoidFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        y = load_sigmoid_extension().forward(x)
-        ctx.save_for_backward(y)  # sigmoid' = y (1 - y): the output is all backward needs
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y: torch.Tensor) -> torch.Tensor:
-        (y,) = ctx.saved_tensors
-        return load_sigmoid_extension().backward(grad_y.contiguous(), y)
-
-
-def sigmoid_extension(x: torch.Tensor) -> torch.Tensor:
-    """Sigmoid computed by the C++ extension, differentiable (CPU tensors)."""
-    return _SigmoidFunction.apply(x)
-
-
-# ---------------------------------------------------------------------------------------
-# The WKV operator as an autograd Function
-
-
-class _WKVFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, time_decay, time_first, k, v, state_a, state_b, state_p):
-        y, a, b, p = torch.ops.rwkv.wkv_forward(
-            time_decay, time_first, k, v, state_a, state_b, state_p
-        )
-        # Backward replays the recurrence from the inputs: nothing of size (B, T, C)
-        # beyond the inputs themselves is kept alive between forward and backward.
-        ctx.save_for_backward(time_decay, time_first, k, v, state_a, state_b, state_p)
-        return y, a, b, p
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_a, grad_b, grad_p):
-        time_decay, time_first, k, v, state_a, state_b, state_p = ctx.saved_tensors
-        # grad_p is not used: the final state enters whatever follows only through
-        # A = a*e^p and B = b*e^p (as in a next call), and then dL/dp = ga*a + gb*b
-        # carries no information beyond grad_a and grad_b.
-        grads = torch.ops.rwkv.wkv_backward(
-            time_decay, time_first, k, v, state_a, state_b, state_p,
-            grad_y.contiguous(), grad_a, grad_b,
-        )
-        if state_a is None:
-            grads = grads[:4] + (None, None, None)
-        return grads
-
-
-def _check_device(k: torch.Tensor, module: types.ModuleType) -> None:
-    if k.device.type == "cuda" and not module.has_cuda:
-        raise ExtensionUnavailable(
-            f"the WKV extension was built without CUDA kernels: {_cuda_build_error}"
-        )
-
-
-def wkv_extension(
-    time_decay: torch.Tensor,
-    time_first: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    state: WKVState | None = None,
-    return_state: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, WKVState]:
-    """WKV of RWKV-4 with the C++ (CPU) or CUDA kernels, differentiable.
-
-    time_decay, time_first: (C,); k, v: (B, T, C), on the same device, any floating dtype
-    (float16/bfloat16 are computed in float32, float64 in float64); non-contiguous inputs
-    are copied. Returns y (B, T, C) in k's dtype, and with `return_state` also the final
-    state (a, b, p), each (B, C) in float32 (float64 for float64 k), to pass as `state` to
-    the next call; `state=None` starts from the empty state (a = b = 0, p = -1e38).
-
-    Gradients reach time_decay, time_first, k and v, and also flow through the state when
-    it is handed from one call to the next (training on a long sequence in chunks gives
-    the same gradients as one call). A loss that uses a, b or p directly, rather than as
-    the state of a following call, gets no gradient from them.
-    """
-    if torch.compiler.is_compiling():
-        # Building and locking cannot be traced; the ops must exist already.
-        if not hasattr(torch.ops.rwkv, "wkv_forward"):
-            raise ExtensionUnavailable(
-                "torch.compile: call rwkv_lib.extension.load_wkv_extension() (or run the "
-                "model once) before compiling, so the WKV ops are registered"
-            )
-    else:
-        _check_device(k, load_wkv_extension())
-    if state is None:
-        state_a = state_b = state_p = None
-    else:
-        if len(state) != 3:
-            raise ValueError("wkv_extension: state must be a tuple (a, b, p)")
-        state_a, state_b, state_p = state
-    y, a, b, p = _WKVFunction.apply(time_decay, time_first, k, v, state_a, state_b, state_p)
-    return (y, (a, b, p)) if return_state else y
 
 
 # ---------------------------------------------------------------------------------------
@@ -459,8 +520,8 @@ def extension_status(build: bool = False) -> dict:
     """What is needed to build the extensions, what is present, and what can be used.
 
     With build=False nothing is compiled: "cpu" and "cuda" then say "loaded", "cached"
-    (compiled before, loads in a second), "buildable" or "unavailable: <why>". With
-    build=True the WKV extension is built if needed, so the answers are definite.
+    (compiled before and verified, loads in a second), "buildable" or "unavailable: <why>".
+    With build=True the WKV extension is built if needed, so the answers are definite.
     """
     missing = _missing_tools()
     cuda_ok, cuda_why = _cuda_build_possible()
@@ -492,7 +553,7 @@ def extension_status(build: bool = False) -> dict:
         _, _, _, name = _plan("rwkv_wkv", sources, WKV_HEADERS, cuda)
         if not name:
             return "unavailable: the sources in cuda/ are missing"
-        if any((cache_dir() / name).glob(f"{name}.*")):
+        if _is_verified(_library_path(cache_dir() / name, name)):
             return "cached"
         return f"unavailable: {missing}" if missing else "buildable"
 

@@ -29,9 +29,9 @@ def sample_logits(
     softmax(logits / temperature), cut to the smallest set of most likely tokens whose
     total probability reaches top_p (the nucleus), renormalized, and sampled.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
+    if not 0 <= temperature < float("inf"):  # false for nan too, which samples garbage
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if not 0 < top_p <= 1:  # also false for nan
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     logits = logits.float()
     if temperature == 0:

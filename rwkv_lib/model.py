@@ -192,24 +192,48 @@ class RWKV(nn.Module):
         init_weights(self)
 
     def _check_idx(self, idx: torch.Tensor, dims: int) -> None:
+        shape = "(B, T)" if dims == 2 else "(B,)"
+        if not isinstance(idx, torch.Tensor):
+            raise TypeError(f"RWKV: token ids must be a torch.Tensor of shape {shape}, got "
+                            f"{type(idx).__name__}; convert with torch.as_tensor(ids)")
         if idx.dim() != dims or idx.dtype not in (torch.int64, torch.int32):
-            shape = "(B, T)" if dims == 2 else "(B,)"
             raise ValueError(f"RWKV: expected integer token ids of shape {shape}, "
                              f"got {idx.dtype} {tuple(idx.shape)}")
+        if idx.shape[0] == 0:
+            raise ValueError("RWKV: the batch is empty (B = 0); give at least one sequence")
+        if dims == 2 and idx.shape[1] == 0:
+            raise ValueError("RWKV: the sequences are empty (T = 0); give at least one token")
+        device = self.head.weight.device
+        if idx.device != device:
+            raise ValueError(f"RWKV: token ids are on {idx.device} but the model is on "
+                             f"{device}; move them with .to({str(device)!r})")
         # Reading the ids' values would split a compiled graph in two; under torch.compile
         # an out-of-range id still fails, in the embedding lookup.
         if torch.compiler.is_compiling():
             return
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
+        if int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size:
             raise ValueError(f"RWKV: token ids must lie in [0, {self.config.vocab_size}), got "
                              f"[{int(idx.min())}, {int(idx.max())}]; was the text encoded with "
                              f"the model's vocabulary?")
 
     def _check_state(self, state: torch.Tensor, batch_size: int) -> None:
         expected = (self.config.n_layer, STATE_SIZE, batch_size, self.config.n_embd)
+        if not isinstance(state, torch.Tensor):
+            raise TypeError(f"RWKV: state must be a tensor of shape {expected}, got "
+                            f"{type(state).__name__}; make one with model.init_state(B)")
         if tuple(state.shape) != expected:
             raise ValueError(f"RWKV: state must have shape {expected} (n_layer, 5, B, C), "
                              f"got {tuple(state.shape)}; make one with model.init_state(B)")
+        # The state is updated in place, in its own dtype: an integer or half-precision
+        # state would silently round what it stores. It must be what init_state makes.
+        weight = self.head.weight
+        dtype = compute_dtype(weight.dtype)
+        if state.dtype != dtype:
+            raise TypeError(f"RWKV: state must be {dtype} for a {weight.dtype} model, got "
+                            f"{state.dtype}; make one with model.init_state(B)")
+        if state.device != weight.device:
+            raise ValueError(f"RWKV: state is on {state.device} but the model is on "
+                             f"{weight.device}; move it with .to({str(weight.device)!r})")
 
     def forward(
         self, idx: torch.Tensor, state: torch.Tensor | None = None, return_state: bool = False

@@ -11,7 +11,8 @@ Backends, all behind the one entry point `wkv(...)`:
   for teaching and as the float64 oracle of the tests.
 - "pytorch": the numerically stable recurrence, a Python loop over time; autograd
   differentiates it. Slow, but short and obviously right.
-- "cpp" / "cuda": the hand-written C++ and CUDA kernels of `cuda/` (see `rwkv_lib.extension`).
+- "cpp" / "cuda": the hand-written C++ and CUDA kernels of `cuda/`, differentiable through
+  `rwkv_lib.wkv_op` (built and loaded by `rwkv_lib.extension`).
 - "auto": the kernel for the tensors' device, falling back to "pytorch" (with one warning
   that says why) when the extension cannot be built.
 
@@ -37,6 +38,24 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def check_state_types(state: WKVState | None, op: str = "wkv") -> None:
+    """Raise a clear error unless `state` is None or a tuple of three floating-point tensors."""
+    if state is None:
+        return
+    if not isinstance(state, (tuple, list)):
+        raise TypeError(f"{op}: state must be a tuple (a, b, p) of three tensors, as returned "
+                        f"with return_state=True, got {type(state).__name__}")
+    if len(state) != 3:
+        raise ValueError(f"{op}: state must be a tuple (a, b, p) of three tensors, "
+                         f"got {len(state)} items")
+    for name, s in zip("abp", state, strict=True):
+        if not isinstance(s, torch.Tensor):
+            raise TypeError(f"{op}: state {name} must be a tensor, got {type(s).__name__}")
+        if not s.is_floating_point():
+            raise TypeError(f"{op}: state {name} must be a floating-point tensor (float32, "
+                            f"float64 for float64 inputs), got {s.dtype}")
+
+
 def check_wkv_inputs(
     time_decay: torch.Tensor,
     time_first: torch.Tensor,
@@ -44,7 +63,10 @@ def check_wkv_inputs(
     v: torch.Tensor,
     state: WKVState | None = None,
 ) -> None:
-    """Raise a clear error when shapes, dtypes or devices do not fit together."""
+    """Raise a clear error when types, shapes, dtypes or devices do not fit together."""
+    for name, t in (("time_decay", time_decay), ("time_first", time_first), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"wkv: {name} must be a tensor, got {type(t).__name__}")
     if k.dim() != 3:
         raise ValueError(f"wkv: k must have shape (B, T, C), got {tuple(k.shape)}")
     if v.shape != k.shape:
@@ -61,9 +83,8 @@ def check_wkv_inputs(
             raise TypeError(f"wkv: {name} must be a floating-point tensor, got {t.dtype}")
         if t.device != k.device:
             raise ValueError(f"wkv: {name} is on {t.device} but k is on {k.device}; move both")
+    check_state_types(state)
     if state is not None:
-        if len(state) != 3:
-            raise ValueError("wkv: state must be a tuple (a, b, p)")
         for name, s in zip("abp", state, strict=True):
             if s.shape != (B, C):
                 raise ValueError(f"wkv: state {name} must have shape ({B}, {C}), "
@@ -144,7 +165,7 @@ def _extension(
     time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     state: WKVState | None, return_state: bool,
 ):
-    from .extension import wkv_extension  # imported lazily: building it is not free
+    from .wkv_op import wkv_extension  # imported lazily: it imports the build machinery
 
     return wkv_extension(time_decay, time_first, k, v, state=state, return_state=return_state)
 

@@ -1,5 +1,6 @@
-"""The C++/CUDA WKV operator (rwkv_lib.extension) against the definition and the PyTorch
-backend: values, gradients, dtypes, extreme inputs, state, errors, and the build cache."""
+"""The C++/CUDA WKV operator (rwkv_lib.wkv_op, built by rwkv_lib.extension) against the
+definition and the PyTorch backend: values, gradients, dtypes, extreme inputs, state,
+errors, and the build cache (more on building in test_extension_build.py)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ import torch
 from torch.utils import cpp_extension
 
 from rwkv_lib import extension
-from rwkv_lib.extension import load_wkv_extension, wkv_extension
+from rwkv_lib.extension import load_wkv_extension
 from rwkv_lib.wkv import initial_state, wkv_definition, wkv_pytorch
+from rwkv_lib.wkv_op import wkv_extension
 
 REPO = Path(__file__).resolve().parent.parent
 CUDA_DIR = REPO / "cuda"
@@ -86,6 +88,77 @@ def test_gradcheck_through_the_state(ext):
         return torch.cat([y1, wkv_extension(td, tf, k[:, 3:], v[:, 3:], state=state)], 1)
 
     assert torch.autograd.gradcheck(chunked, inputs)
+
+
+def _state_after_prefix(td, tf, B, C, dtype=torch.float32, seed=0):
+    """A state as it is met in practice: the one after a few random tokens."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(B, 5, C, generator=g).to(dtype) * 2
+    v = torch.randn(B, 5, C, generator=g).to(dtype)
+    _, state = wkv_pytorch(td.detach(), tf.detach(), k, v, return_state=True)
+    return state
+
+
+def _with_final_state(td, tf, k, v, *state):
+    y, (a, b, p) = wkv_extension(td, tf, k, v, state=state or None, return_state=True)
+    return y, a, b, p
+
+
+@pytest.mark.parametrize("start", ["empty", "state"])
+def test_gradcheck_through_every_output(ext, start):
+    # y and all of the final state (a, b, p) as outputs: a loss may use each of them
+    inputs = make_inputs(2, 6, 3, dtype=torch.float64, seed=4)
+    if start == "state":
+        inputs += _state_after_prefix(inputs[0], inputs[1], 2, 3, torch.float64, seed=5)
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    assert torch.autograd.gradcheck(_with_final_state, leaves)
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 1), (2, 19, 33), (3, 64, 7), (1, 300, 40)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+@pytest.mark.parametrize("start", ["empty", "state"])
+def test_loss_on_the_final_state_matches_pytorch_backend(ext, shape, start):
+    B, T, C = shape
+    inputs = make_inputs(*shape, k_scale=3.0, seed=T)
+    if start == "state":
+        inputs += _state_after_prefix(inputs[0], inputs[1], B, C, seed=T + 1)
+    g = torch.Generator().manual_seed(7)
+    weights = [torch.randn(shape, generator=g)] + [torch.randn(B, C, generator=g)
+                                                   for _ in range(3)]
+
+    def grads(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        y, (a, b, p) = fn(*leaves[:4], state=tuple(leaves[4:]) or None, return_state=True)
+        loss = sum((out * w).sum() for out, w in zip((y, a, b, p), weights, strict=True))
+        found = torch.autograd.grad(loss, leaves, allow_unused=True)
+        return [torch.zeros_like(x) if d is None else d for x, d in zip(leaves, found,
+                                                                         strict=True)]
+
+    names = GRAD_NAMES + ("state a", "state b", "state p")
+    for name, got, expected in zip(names, grads(wkv_extension), grads(wkv_pytorch),
+                                   strict=False):
+        assert_close_rel(got, expected, 1e-4, name)
+
+
+def test_gradient_of_p_follows_the_max_chain(ext):
+    # p0 far above every key: each step takes the p + w side of max(p + w, k), so the final
+    # p is p0 + T w exactly, with dp/dp0 = 1, dp/dtime_decay = T w (w = -exp(time_decay))
+    # and nothing for the keys. 37 channels: a full block of the CPU kernel and a partial one.
+    B, T, C = 2, 40, 37
+    td, tf, k, v = make_inputs(B, T, C, dtype=torch.float64)
+    a0, b0 = torch.rand(B, C, dtype=torch.float64), 1 + torch.rand(B, C, dtype=torch.float64)
+    p0 = torch.full((B, C), 1000.0, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (td, tf, k, v, a0, b0, p0)]
+    _, (_, _, p) = wkv_extension(*leaves[:4], state=tuple(leaves[4:]), return_state=True)
+    w = -torch.exp(td)
+    torch.testing.assert_close(p, p0 + T * w)
+    g_td, g_tf, g_k, g_v, g_a0, g_b0, g_p0 = torch.autograd.grad(p.sum(), leaves)
+    torch.testing.assert_close(g_td, B * T * w)
+    torch.testing.assert_close(g_p0, torch.ones_like(p0))
+    for g in (g_tf, g_k, g_v, g_a0, g_b0):
+        assert g.abs().max() < 1e-9
 
 
 # ---------------------------------------------------------------------------------------
@@ -252,6 +325,8 @@ def test_meta_tensors_give_shapes_and_dtypes(ext):
     grads = torch.ops.rwkv.wkv_backward(td, tf, k.double(), v, None, None, None, v)
     assert [tuple(g.shape) for g in grads] == [(3,), (3,), (2, 7, 3), (2, 7, 3)] + [(2, 3)] * 3
     assert grads[4].dtype == torch.float64
+    grads = torch.ops.rwkv.wkv_backward(td, tf, k, v, a, b, p, v, a, b, p)
+    assert [tuple(g.shape) for g in grads] == [(3,), (3,), (2, 7, 3), (2, 7, 3)] + [(2, 3)] * 3
 
 
 def test_torch_compile_traces_the_op_forward_and_backward(ext):
@@ -262,7 +337,7 @@ def test_torch_compile_traces_the_op_forward_and_backward(ext):
 
     def fn(td, tf, k, v):
         y, (a, b, p) = wkv_extension(td, tf, k, v, state=state, return_state=True)
-        return y * 2 + a.sum(0, keepdim=True).unsqueeze(1) * 0
+        return y * 2 + (a + b + p).sum(0, keepdim=True).unsqueeze(1) * 0.1
 
     grad_y = torch.randn(2, 9, 5, generator=torch.Generator().manual_seed(3))
     y_eager, grads_eager = value_and_grads(fn, inputs, grad_y)
@@ -330,6 +405,10 @@ def test_state_errors(ext):
         torch.ops.rwkv.wkv_forward(td, tf, k, v, a, None, p)
     with pytest.raises(ValueError, match="tuple"):
         wkv_extension(td, tf, k, v, state=(a, b))
+    with pytest.raises(TypeError, match="state p must be a tensor, got NoneType"):
+        wkv_extension(td, tf, k, v, state=[a, b, None])
+    with pytest.raises(TypeError, match="state a must be a floating-point tensor"):
+        wkv_extension(td, tf, k, v, state=(a.long(), b, p))
 
 
 # ---------------------------------------------------------------------------------------
@@ -504,6 +583,31 @@ def test_cuda_matches_cpu(shape):
     assert_close_rel(y_gpu.cpu(), y, 1e-5, "y")
     for name, g, g_gpu in zip(GRAD_NAMES, grads, grads_gpu, strict=True):
         assert_close_rel(g_gpu.cpu(), g, 1e-4, name)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("start", ["empty", "state"])
+def test_cuda_gradients_of_the_final_state_match_cpu(start):
+    _cuda_ext()
+    B, T, C = 3, 50, 70
+    inputs = make_inputs(B, T, C, k_scale=3.0, seed=2)
+    if start == "state":
+        inputs += _state_after_prefix(inputs[0], inputs[1], B, C, seed=3)
+    g = torch.Generator().manual_seed(4)
+    weights = [torch.randn(B, T, C, generator=g)] + [torch.randn(B, C, generator=g)
+                                                     for _ in range(3)]
+
+    def grads(device):
+        leaves = [t.detach().to(device).requires_grad_() for t in inputs]
+        y, state = wkv_extension(*leaves[:4], state=tuple(leaves[4:]) or None,
+                                 return_state=True)
+        loss = sum((out * w.to(device)).sum() for out, w in zip((y, *state), weights,
+                                                                 strict=True))
+        return [d.cpu() for d in torch.autograd.grad(loss, leaves)]
+
+    names = GRAD_NAMES + ("state a", "state b", "state p")
+    for name, g_gpu, g_cpu in zip(names, grads("cuda"), grads("cpu"), strict=False):
+        assert_close_rel(g_gpu, g_cpu, 1e-4, name)
 
 
 @pytest.mark.cuda

@@ -45,6 +45,17 @@ def test_sampling_argument_errors():
         sample_logits(torch.zeros(3), top_p=0)
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"temperature": float("nan")}, "temperature"), ({"temperature": float("inf")}, "temperature"),
+     ({"top_p": float("nan")}, "top_p")],
+    ids=["temperature-nan", "temperature-inf", "top_p-nan"],
+)
+def test_non_finite_sampling_arguments_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sample_logits(torch.zeros(2, 3), **kwargs)
+
+
 def test_generation_is_reproducible_and_seeded():
     model = _model()
     a = generate(model, [1, 2, 3], 20, temperature=1.0, top_p=0.9, seed=5)

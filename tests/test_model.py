@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -181,3 +182,59 @@ def test_runs_under_torch_compile():
     compiled = torch.compile(model, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(idx), model(idx))
+
+
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (lambda s: [s], TypeError, r"state must be a tensor .* got list"),
+        (lambda s: s.double(), TypeError, r"state must be torch\.float32 .* got torch\.float64"),
+        (lambda s: s.half(), TypeError, r"state must be torch\.float32 .* got torch\.float16"),
+        (lambda s: s.long(), TypeError, r"state must be torch\.float32 .* got torch\.int64"),
+        # meta stands in for another device (a CUDA state for a CPU model)
+        (lambda s: s.to("meta"), ValueError, "state is on meta but the model is on cpu"),
+    ],
+    ids=["list", "float64", "float16", "int64", "device"],
+)
+def test_clear_errors_for_bad_states(make, error, message):
+    model = _model(torch.float32)
+    state = make(model.init_state(2))
+    idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with pytest.raises(error, match=message):
+        model.step(idx[:, 0], state)
+    with pytest.raises(error, match=message):
+        model(idx, state=state)
+
+
+def test_state_dtype_follows_the_model():
+    # a float64 model computes in float64, so its state is float64; float32 is refused
+    model = _model(torch.float64)
+    idx = torch.tensor([[1, 2]])
+    model(idx, state=model.init_state(1))
+    with pytest.raises(TypeError, match=r"state must be torch\.float64"):
+        model(idx, state=model.init_state(1).float())
+
+
+@pytest.mark.parametrize(
+    "idx, error, message",
+    [
+        (torch.zeros(2, 0, dtype=torch.long), ValueError, r"empty \(T = 0\)"),
+        (torch.zeros(0, 3, dtype=torch.long), ValueError, r"batch is empty \(B = 0\)"),
+        ([[1, 2, 3]], TypeError, r"token ids must be a torch\.Tensor .* got list"),
+        (np.array([[1, 2, 3]]), TypeError, r"token ids must be a torch\.Tensor .* got ndarray"),
+        (torch.tensor([[1, 2]], device="meta"), ValueError, "token ids are on meta but the model"),
+    ],
+    ids=["T=0", "B=0", "list", "numpy", "device"],
+)
+def test_clear_errors_for_bad_ids(idx, error, message):
+    model = _model(torch.float32)
+    with pytest.raises(error, match=message):
+        model(idx)
+
+
+def test_clear_errors_for_bad_tokens_in_rnn_mode():
+    model = _model(torch.float32)
+    with pytest.raises(TypeError, match=r"token ids must be a torch\.Tensor .* got int"):
+        model.step(3, model.init_state(1))
+    with pytest.raises(ValueError, match=r"batch is empty \(B = 0\)"):
+        model.step(torch.zeros(0, dtype=torch.long), model.init_state(0))

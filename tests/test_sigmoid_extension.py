@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from rwkv_lib import extension
-from rwkv_lib.extension import load_sigmoid_extension, sigmoid_extension
+from rwkv_lib.extension import load_sigmoid_extension
+from rwkv_lib.sigmoid_op import sigmoid_extension
 
 
 @pytest.fixture(scope="module")

@@ -144,3 +144,26 @@ def test_clear_errors():
         wkv(td, tf, k, v, backend="pytorch", state=initial_state(3, 5))
     with pytest.raises(ValueError, match="needs cuda tensors"):
         wkv(td, tf, k, v, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["pytorch", "auto"])
+def test_clear_errors_for_bad_states(backend):
+    td, tf, k, v = _inputs()
+    a, b, p = initial_state(2, 5, dtype=torch.float64)
+    cases = [
+        (torch.stack([a, b, p]), TypeError, r"state must be a tuple \(a, b, p\) .* got Tensor"),
+        ("abp", TypeError, r"state must be a tuple \(a, b, p\) .* got str"),
+        ((a, b), ValueError, "got 2 items"),
+        ((a, b, None), TypeError, "state p must be a tensor, got NoneType"),
+        ((a, b.tolist(), p), TypeError, "state b must be a tensor, got list"),
+        ((a, b, p.long()), TypeError, "state p must be a floating-point tensor"),
+    ]
+    for state, error, message in cases:
+        with pytest.raises(error, match=message):
+            wkv(td, tf, k, v, backend=backend, state=state)
+
+
+def test_inputs_that_are_not_tensors():
+    td, tf, k, v = _inputs()
+    with pytest.raises(TypeError, match="wkv: k must be a tensor, got list"):
+        wkv(td, tf, k.tolist(), v)
