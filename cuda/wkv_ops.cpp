@@ -194,20 +194,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> wkv_forward(const Tensor& time_decay,
         if (k.is_cuda()) {
 #ifdef WITH_CUDA
             const c10::cuda::CUDAGuard guard(k.device());
-            const int chunks = cuda_chunks("wkv_forward", B, T, C);
-            if (chunks > 0) {
+            const int chunks = cuda_chunks("wkv_forward", B, T, C);  // 0: sequential kernel
+            if (chunks > 0) {  // the kernels parallel over time (wkv_cuda_chunked.cu)
                 check_cuda(wkv_forward_cuda_chunked(
                     B, T, C, chunks, w.data_ptr<F>(), u.data_ptr<F>(), kc.data_ptr<F>(),
                     vc.data_ptr<F>(), ptr_or_null<F>(a0), ptr_or_null<F>(b0),
                     ptr_or_null<F>(p0), y.data_ptr<F>(), aT.data_ptr<F>(), bT.data_ptr<F>(),
                     pT.data_ptr<F>(), c10::cuda::getCurrentCUDAStream().stream()));
-            } else {
+                return;
+            }
             check_cuda(wkv_forward_cuda(
                 B, T, C, w.data_ptr<F>(), u.data_ptr<F>(), kc.data_ptr<F>(), vc.data_ptr<F>(),
                 ptr_or_null<F>(a0), ptr_or_null<F>(b0), ptr_or_null<F>(p0), y.data_ptr<F>(),
                 aT.data_ptr<F>(), bT.data_ptr<F>(), pT.data_ptr<F>(),
                 c10::cuda::getCurrentCUDAStream().stream()));
-            }
 #endif
         } else {
             wkv_forward_cpu(B, T, C, w.data_ptr<F>(), u.data_ptr<F>(), kc.data_ptr<F>(),
@@ -262,7 +262,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> wkv_backward(
             const c10::cuda::CUDAGuard guard(k.device());
             // p before each token, for the reverse pass (a and b go into gk and gv)
             Tensor saved_p = at::empty({B, T, C}, opts);
-            const int chunks = cuda_chunks("wkv_backward", B, T, C);
+            const int chunks = cuda_chunks("wkv_backward", B, T, C);  // 0: sequential kernel
             if (chunks > 0) {
                 // No dL/dp_T here (nullptr) and exact_p = 0: the p chain is dropped, as by
                 // the sequential kernel; an op taking grad_state_p passes it with exact_p = 1.
@@ -274,7 +274,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> wkv_backward(
                     gu.data_ptr<F>(), gk.data_ptr<F>(), gv.data_ptr<F>(),
                     mut_ptr_or_null<F>(ga0_out), mut_ptr_or_null<F>(gb0_out),
                     mut_ptr_or_null<F>(gp0_out), c10::cuda::getCurrentCUDAStream().stream()));
-            } else {
+                return;
+            }
             check_cuda(wkv_backward_cuda(
                 B, T, C, w.data_ptr<F>(), u.data_ptr<F>(), kc.data_ptr<F>(), vc.data_ptr<F>(),
                 ptr_or_null<F>(a0), ptr_or_null<F>(b0), ptr_or_null<F>(p0), gy.data_ptr<F>(),
@@ -282,7 +283,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> wkv_backward(
                 gw.data_ptr<F>(), gu.data_ptr<F>(), gk.data_ptr<F>(), gv.data_ptr<F>(),
                 mut_ptr_or_null<F>(ga0_out), mut_ptr_or_null<F>(gb0_out),
                 mut_ptr_or_null<F>(gp0_out), c10::cuda::getCurrentCUDAStream().stream()));
-            }
 #endif
         } else {
             wkv_backward_cpu(B, T, C, w.data_ptr<F>(), u.data_ptr<F>(), kc.data_ptr<F>(),
