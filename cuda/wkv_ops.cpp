@@ -1,6 +1,6 @@
 // PyTorch bindings of the WKV operator: argument checks, dtype handling, and dispatch to
 // the CPU kernels (wkv_cpu.cpp) or, in a build with -DWITH_CUDA, the CUDA kernels
-// (wkv_cuda.cu). The ops are registered twice, on purpose (notebook 05 shows both):
+// (wkv_cuda.cu, or the chunked ones of wkv_cuda_chunked.cu, chosen by RWKV_WKV_CUDA). The ops are registered twice, on purpose (notebook 05 shows both):
 //   - TORCH_LIBRARY(rwkv, m): torch.ops.rwkv.wkv_forward / torch.ops.rwkv.wkv_backward,
 //     operators known to PyTorch's dispatcher (and so to TorchScript and torch.ops);
 //   - PYBIND11_MODULE: the same two functions as attributes of the Python module.
@@ -49,6 +49,24 @@ WKV_DECLARE_CPU(double)
 WKV_DECLARE_CUDA(float)
 WKV_DECLARE_CUDA(double)
 const char* wkv_cuda_error_string(int code);
+// The chunked kernels (wkv_cuda_chunked.cu) and the choice between them and the
+// sequential ones: wkv_cuda_chunks returns 0 (sequential), J >= 1 (chunked, J chunks per
+// sequence) or a negative code for a bad RWKV_WKV_CUDA / RWKV_WKV_CUDA_CHUNKS setting.
+#define WKV_DECLARE_CUDA_CHUNKED(F)                                                          \
+    int wkv_forward_cuda_chunked(int64_t B, int64_t T, int64_t C, int chunks, const F* w,   \
+                                 const F* u, const F* k, const F* v, const F* a0,           \
+                                 const F* b0, const F* p0, F* y, F* aT, F* bT, F* pT,       \
+                                 void* stream);                                             \
+    int wkv_backward_cuda_chunked(int64_t B, int64_t T, int64_t C, int chunks, const F* w,  \
+                                  const F* u, const F* k, const F* v, const F* a0,          \
+                                  const F* b0, const F* p0, const F* gy, const F* gaT,      \
+                                  const F* gbT, const F* gpT, int exact_p, F* saved_p,      \
+                                  F* gw, F* gu, F* gk, F* gv, F* ga0, F* gb0, F* gp0,       \
+                                  void* stream);
+WKV_DECLARE_CUDA_CHUNKED(float)
+WKV_DECLARE_CUDA_CHUNKED(double)
+int wkv_cuda_chunks(int64_t B, int64_t T, int64_t C);
+const char* wkv_cuda_chunks_error(int code);
 #endif
 
 namespace {
@@ -143,6 +161,13 @@ Tensor decay_from(const Tensor& time_decay, at::ScalarType dtype) {
 void check_cuda(int code) {
     TORCH_CHECK(code == 0, "wkv: CUDA kernel launch failed: ", wkv_cuda_error_string(code));
 }
+
+// The kernel for this shape on the current device (see wkv_cuda_chunked.cu).
+int cuda_chunks(const char* op, int64_t B, int64_t T, int64_t C) {
+    const int chunks = wkv_cuda_chunks(B, T, C);
+    TORCH_CHECK(chunks >= 0, op, ": ", wkv_cuda_chunks_error(chunks));
+    return chunks;
+}
 #endif
 
 }  // namespace
@@ -170,6 +195,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> wkv_forward(const Tensor& time_decay,
         if (k.is_cuda()) {
 #ifdef WITH_CUDA
             const c10::cuda::CUDAGuard guard(k.device());
+            const int chunks = cuda_chunks("wkv_forward", B, T, C);  // 0: sequential kernel
+            if (chunks > 0) {  // the kernels parallel over time (wkv_cuda_chunked.cu)
+                check_cuda(wkv_forward_cuda_chunked(
+                    B, T, C, chunks, w.data_ptr<F>(), u.data_ptr<F>(), kc.data_ptr<F>(),
+                    vc.data_ptr<F>(), ptr_or_null<F>(a0), ptr_or_null<F>(b0),
+                    ptr_or_null<F>(p0), y.data_ptr<F>(), aT.data_ptr<F>(), bT.data_ptr<F>(),
+                    pT.data_ptr<F>(), c10::cuda::getCurrentCUDAStream().stream()));
+                return;
+            }
             check_cuda(wkv_forward_cuda(
                 B, T, C, w.data_ptr<F>(), u.data_ptr<F>(), kc.data_ptr<F>(), vc.data_ptr<F>(),
                 ptr_or_null<F>(a0), ptr_or_null<F>(b0), ptr_or_null<F>(p0), y.data_ptr<F>(),
@@ -231,6 +265,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> wkv_backward(
             const c10::cuda::CUDAGuard guard(k.device());
             // p before each token, for the reverse pass (a and b go into gk and gv)
             Tensor saved_p = at::empty({B, T, C}, opts);
+            const int chunks = cuda_chunks("wkv_backward", B, T, C);  // 0: sequential kernel
+            if (chunks > 0) {
+                // No dL/dp_T here (nullptr) and exact_p = 0: the p chain is dropped, as by
+                // the sequential kernel; an op taking grad_state_p passes it with exact_p = 1.
+                check_cuda(wkv_backward_cuda_chunked(
+                    B, T, C, chunks, w.data_ptr<F>(), u.data_ptr<F>(), kc.data_ptr<F>(),
+                    vc.data_ptr<F>(), ptr_or_null<F>(a0), ptr_or_null<F>(b0),
+                    ptr_or_null<F>(p0), gy.data_ptr<F>(), ptr_or_null<F>(gaT),
+                    ptr_or_null<F>(gbT), nullptr, 0, saved_p.data_ptr<F>(), gw.data_ptr<F>(),
+                    gu.data_ptr<F>(), gk.data_ptr<F>(), gv.data_ptr<F>(),
+                    mut_ptr_or_null<F>(ga0_out), mut_ptr_or_null<F>(gb0_out),
+                    mut_ptr_or_null<F>(gp0_out), c10::cuda::getCurrentCUDAStream().stream()));
+                return;
+            }
             check_cuda(wkv_backward_cuda(
                 B, T, C, w.data_ptr<F>(), u.data_ptr<F>(), kc.data_ptr<F>(), vc.data_ptr<F>(),
                 ptr_or_null<F>(a0), ptr_or_null<F>(b0), ptr_or_null<F>(p0), gy.data_ptr<F>(),
@@ -299,6 +347,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("grad_state_p") = py::none());
 #ifdef WITH_CUDA
     m.attr("has_cuda") = true;
+    m.def("cuda_chunks", [](int64_t B, int64_t T, int64_t C) {
+        return cuda_chunks("cuda_chunks", B, T, C);
+    }, "the CUDA kernel for (B, T, C) on the current GPU: 0 sequential, J chunked with J chunks");
 #else
     m.attr("has_cuda") = false;
 #endif

@@ -5,6 +5,9 @@ The sources live in `cuda/` at the root of the repository:
 - `sigmoid.cpp`: a tiny teaching extension, notebook 04's custom sigmoid as a C++ op.
 - `wkv_math.h`: the WKV recurrence, one time step, shared by the CPU and CUDA kernels.
 - `wkv_cpu.cpp`, `wkv_cuda.cu`: the kernels, on raw pointers.
+- `wkv_chunked.h`, `wkv_cuda_chunked.cu`: CUDA kernels parallel over time as well (for
+  small B*C), chosen with the environment variable `RWKV_WKV_CUDA`
+  (`sequential`, the default, `chunked` or `auto`; see `wkv_cuda_chunked.cu`).
 - `wkv_ops.cpp`: the PyTorch bindings, registered as `torch.ops.rwkv.wkv_forward` /
   `torch.ops.rwkv.wkv_backward` and also as plain functions of the Python module.
 
@@ -66,8 +69,8 @@ else:
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "cuda"
 WKV_SOURCES = ("wkv_ops.cpp", "wkv_cpu.cpp")
-WKV_CUDA_SOURCES = ("wkv_cuda.cu",)
-WKV_HEADERS = ("wkv_math.h",)  # not compiled on their own, but part of the hash
+WKV_CUDA_SOURCES = ("wkv_cuda.cu", "wkv_cuda_chunked.cu")
+WKV_HEADERS = ("wkv_math.h", "wkv_chunked.h")  # not compiled on their own, but hashed
 SIGMOID_SOURCES = ("sigmoid.cpp",)
 
 # Part of every build's name: it changes whenever what a build folder holds changes meaning

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -520,18 +521,88 @@ def test_cpu_inner_loops_are_vectorized(target):
         assert vectorized & {line, line + 1}, f"the loop at wkv_cpu.cpp:{line} was not vectorized"
 
 
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_cuda_source_compiles_on_its_own(tmp_path, arch):
+def _nvcc_or_skip() -> str:
     nvcc = shutil.which("nvcc") or extension._nvcc()
     if nvcc is None:
         pytest.skip("nvcc is not installed; the CUDA source cannot be compile-checked")
+    return nvcc
+
+
+@pytest.mark.parametrize("source", extension.WKV_CUDA_SOURCES)
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_cuda_source_compiles_on_its_own(tmp_path, arch, source):
+    nvcc = _nvcc_or_skip()
+    obj = tmp_path / "kernels.o"
     out = subprocess.run(
-        [nvcc, "-c", f"-arch={arch}", "-O3", str(CUDA_DIR / "wkv_cuda.cu"), "-o",
-         str(tmp_path / "wkv_cuda.o")],
+        [nvcc, "-c", f"-arch={arch}", "-O3", "-Xptxas", "-v", str(CUDA_DIR / source), "-o",
+         str(obj)],
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    assert (tmp_path / "wkv_cuda.o").stat().st_size > 0
+    assert obj.stat().st_size > 0
+    if source != "wkv_cuda_chunked.cu":
+        return
+    # ptxas' report, per kernel: the float kernels keep everything in registers (a spill
+    # goes to slow local memory), and the registers of a full block fit one multiprocessor
+    # (64K registers on sm_80 and sm_90), or the launch would fail at run time.
+    max_threads = int(re.search(r"kWkvMaxThreads = (\d+);",
+                                (CUDA_DIR / "wkv_chunked.h").read_text()).group(1))
+    reports = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores.*?"
+                         r"Used (\d+) registers", out.stderr, re.S)
+    assert len(reports) == 4, out.stderr  # forward and backward, float and double
+    for name, spills, registers in reports:
+        assert int(registers) * max_threads <= 65536, f"{name}: {registers} registers"
+        if "IfE" in name:  # the float instantiations
+            assert int(spills) == 0, f"{name} spills {spills} bytes to local memory"
+
+
+@pytest.mark.slow
+def test_cuda_bindings_link_against_the_kernels(tmp_path):
+    """wkv_ops.cpp compiled as the CUDA build compiles it (-DWITH_CUDA) needs only symbols
+    that the nvcc-compiled kernels define, with the same C++ signatures: checked here with
+    nm, so that a mismatch shows up without a GPU machine."""
+    nvcc = _nvcc_or_skip()
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None or shutil.which("nm") is None:
+        pytest.skip("needs a C++ compiler and nm")
+    # where nvcc finds the CUDA headers (nvcc may be a wrapper script): ask it
+    dry = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                         capture_output=True, text=True, timeout=60)
+    cuda_includes = [p for p in re.findall(r'-I"?([^"\s]+)', dry.stderr)
+                     if (Path(p) / "cuda_runtime_api.h").exists()]
+    if not cuda_includes:
+        pytest.skip("could not find the CUDA headers nvcc uses")
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    includes += [f"-I{cuda_includes[0]}", f"-I{sysconfig.get_paths()['include']}"]
+    generated = "c10/cuda/impl/cuda_cmake_macros.h"  # generated; CPU-only wheels lack it
+    if not any((Path(p[2:]) / generated).exists() for p in includes):
+        stub = tmp_path / "stub" / generated
+        stub.parent.mkdir(parents=True)
+        stub.write_text("#pragma once\n")
+        includes.append(f"-I{tmp_path / 'stub'}")
+    objects = {}
+    for source in ("wkv_ops.cpp", *extension.WKV_CUDA_SOURCES):
+        obj = tmp_path / f"{source}.o"
+        if source.endswith(".cu"):
+            cmd = [nvcc, "-c", "-arch=sm_90", "-O1", f"-I{CUDA_DIR}", str(CUDA_DIR / source)]
+        else:
+            if not any((Path(p[2:]) / "c10" / "cuda" / "CUDAGuard.h").exists() for p in includes):
+                pytest.skip("this torch has no c10/cuda headers")
+            cmd = [cxx, "-std=c++17", "-c", "-O0", "-fPIC", "-DWITH_CUDA",
+                   "-DTORCH_EXTENSION_NAME=rwkv_link_check", *includes, str(CUDA_DIR / source)]
+        out = subprocess.run([*cmd, "-o", str(obj)], capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, f"{source}:\n{out.stderr[-3000:]}"
+        objects[source] = obj
+
+    def symbols(obj: Path, flag: str) -> set[str]:
+        out = subprocess.run(["nm", flag, str(obj)], capture_output=True, text=True, check=True)
+        return {line.split()[-1] for line in out.stdout.splitlines() if "wkv_" in line}
+
+    needed = {s for s in symbols(objects["wkv_ops.cpp"], "--undefined-only") if "cuda" in s}
+    defined = set().union(*(symbols(objects[s], "--defined-only")
+                            for s in extension.WKV_CUDA_SOURCES))
+    assert len(needed) >= 10, needed  # both kernels' launchers, float and double, and more
+    assert needed <= defined, f"undefined in the CUDA objects: {sorted(needed - defined)}"
 
 
 def test_cpu_kernels_are_multithreaded(ext):

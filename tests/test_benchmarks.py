@@ -1,0 +1,118 @@
+"""The GPU benchmark scripts, run end to end as dry runs on the CPU (--device cpu): their
+plumbing (arguments, measurements, results file, tables) must work before the one short
+run on a GPU machine. The numbers of a dry run mean nothing and are not checked."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rwkv_lib import extension
+from rwkv_lib.gpu_results import load_results
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _script(name: str):
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def one_thread():
+    # the dry runs are tiny: more threads only wait for each other on a busy machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ext():
+    if extension._missing_tools() is not None:
+        pytest.skip("the C++ extension cannot be built here")
+    return extension.load_wkv_extension()
+
+
+def test_wkv_benchmark_dry_run(tmp_path, capsys, ext, one_thread):
+    bench = _script("wkv_gpu_bench")
+    data = bench.main(["--device", "cpu", "--shapes", "2x16x8,1x20x33", "--long-shapes", "1x40x8",
+                       "--sweep-chunks", "1,3", "--reps", "2", "--results-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    [result] = load_results(tmp_path)
+    assert result["wkv"] == json.loads(json.dumps(data))
+    rows = result["wkv"]["rows"]
+    # 3 shapes x 2 kernels x 2 passes, then the sweep: 3 shapes x 2 chunk counts x 2 passes
+    assert len(rows) == 12 and len(result["wkv"]["chunk_sweep"]) == 12
+    assert {r["pass"] for r in rows} == {"fwd", "fwd+bwd"}
+    assert all(r["ms"] > 0 for r in rows)
+    assert all(c["agree"] for c in result["wkv"]["agreement"])  # same CPU kernel: equal
+    assert "| ours, chunked | 1, 40, 8 | fwd+bwd |" in out
+
+
+def test_wkv_benchmark_rejects_bad_shapes(capsys):
+    bench = _script("wkv_gpu_bench")
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--shapes", "2x16"])
+    assert "expected shapes like 1x1024x512" in capsys.readouterr().err
+
+
+def test_training_benchmark_dry_run(tmp_path, capsys, ext, one_thread):
+    bench = _script("train_bench")
+    data = bench.main(["--device", "cpu", "--n-layer", "1", "--n-embd", "16", "--ctx-len", "8",
+                       "--batch-size", "2", "--steps", "2", "--warmup", "1",
+                       "--kernels", "sequential", "--results-dir", str(tmp_path)])
+    [result] = load_results(tmp_path)
+    assert result["train"]["config"]["n_layer"] == 1
+    [row] = data["rows"]
+    assert row["model"] == "ours" and row["tokens_per_s"] > 0
+    assert abs(row["first_loss"] - torch.log(torch.tensor(256.0)).item()) < 0.5  # untrained
+    assert data["parameters"] == sum(p.numel() for p in _our_model(1, 16, 8).parameters())
+    assert "| ours | sequential |" in capsys.readouterr().out
+
+
+def _our_model(n_layer, n_embd, ctx_len):
+    from rwkv_lib.model import RWKV, RWKVConfig
+
+    return RWKV(RWKVConfig(vocab_size=256, n_layer=n_layer, n_embd=n_embd, ctx_len=ctx_len))
+
+
+def test_peak_rates_by_device_name():
+    bench = _script("train_bench")
+    assert bench.peak_bf16("NVIDIA H200")[0] == 989.5e12
+    assert bench.peak_bf16("NVIDIA H200 NVL")[0] == 835.5e12
+    assert bench.peak_bf16("NVIDIA H100 PCIe")[0] == 756.5e12
+    assert bench.peak_bf16("NVIDIA H100 80GB HBM3")[0] == 989.5e12
+    assert bench.peak_bf16("NVIDIA A100-SXM4-80GB")[0] == 312e12
+    assert bench.peak_bf16("Tesla T4") == (None, None)
+
+
+def test_rwkv_lm_checkout_errors_say_how_to_get_one(tmp_path):
+    rwkv_lm = _script("rwkv_lm")
+    with pytest.raises(rwkv_lm.RwkvLmUnavailable, match=r"git --git-dir=.* archive HEAD:RWKV-v4"):
+        rwkv_lm.v4_dir(tmp_path)
+
+
+def test_rwkv_lm_kernel_flags_are_read_from_its_model_file(tmp_path):
+    """On a file shaped like RWKV-v4/src/model.py (written here, not copied)."""
+    rwkv_lm = _script("rwkv_lm")
+    v4 = tmp_path / "RWKV-v4"
+    (v4 / "src").mkdir(parents=True)
+    (v4 / "cuda").mkdir()
+    for name in ("cuda/wkv_op.cpp", "cuda/wkv_cuda.cu"):
+        (v4 / name).write_text("// stand-in\n")
+    (v4 / "src" / "model.py").write_text(
+        "T_MAX = 512\n"
+        "wkv = load(name='wkv', sources=['a.cpp'], extra_cuda_cflags=['-O3', '--x 1', "
+        "f'-DTmax={T_MAX}'])\n")
+    assert rwkv_lm.kernel_flags(tmp_path) == (["-O3", "--x 1", "-DTmax=512"], 512)
+    (tmp_path / "COMMIT").write_text("abc123\n")
+    assert rwkv_lm.commit(tmp_path) == "abc123"
