@@ -267,13 +267,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> wkv_backward(
             Tensor saved_p = at::empty({B, T, C}, opts);
             const int chunks = cuda_chunks("wkv_backward", B, T, C);  // 0: sequential kernel
             if (chunks > 0) {
-                // No dL/dp_T here (nullptr) and exact_p = 0: the p chain is dropped, as by
-                // the sequential kernel; an op taking grad_state_p passes it with exact_p = 1.
+                // exact_p = 1: dL/dp_T flows back along the max chain, as in the sequential
+                // kernel (a missing grad_state_p means dL/dp_T = 0).
                 check_cuda(wkv_backward_cuda_chunked(
                     B, T, C, chunks, w.data_ptr<F>(), u.data_ptr<F>(), kc.data_ptr<F>(),
                     vc.data_ptr<F>(), ptr_or_null<F>(a0), ptr_or_null<F>(b0),
                     ptr_or_null<F>(p0), gy.data_ptr<F>(), ptr_or_null<F>(gaT),
-                    ptr_or_null<F>(gbT), nullptr, 0, saved_p.data_ptr<F>(), gw.data_ptr<F>(),
+                    ptr_or_null<F>(gbT), ptr_or_null<F>(gpT), 1, saved_p.data_ptr<F>(), gw.data_ptr<F>(),
                     gu.data_ptr<F>(), gk.data_ptr<F>(), gv.data_ptr<F>(),
                     mut_ptr_or_null<F>(ga0_out), mut_ptr_or_null<F>(gb0_out),
                     mut_ptr_or_null<F>(gp0_out), c10::cuda::getCurrentCUDAStream().stream()));

@@ -155,7 +155,8 @@ def test_extreme_decay(td, chunk_len):
 
 
 def test_chunked_backward_matches_the_cpp_operator():
-    """The C++ op (sequential kernel) drops the p chain; so does exact_p=False."""
+    """The C++ op (sequential kernel) and the chunked reference give the same gradients,
+    the final p's included."""
     from rwkv_lib import extension
 
     if extension._missing_tools() is not None:
@@ -164,11 +165,11 @@ def test_chunked_backward_matches_the_cpp_operator():
     B, T, C = 3, 17, 6
     td, tf, k, v = inputs(B, T, C, k_scale=3.0, seed=12)
     state = some_state(B, C)
-    gy, ga, gb, _ = output_grads(B, T, C, seed=13)
-    expected = torch.ops.rwkv.wkv_backward(td, tf, k, v, *state, gy, ga, gb)
+    gy, ga, gb, gp = output_grads(B, T, C, seed=13)
+    expected = torch.ops.rwkv.wkv_backward(td, tf, k, v, *state, gy, ga, gb, gp)
     for chunk_len in (1, 5, 17):
         grads = wkv_chunked_backward(td, tf, k, v, gy, chunk_len, state=state,
-                                     grad_state=(ga, gb, None), exact_p=False)
+                                     grad_state=(ga, gb, gp))
         assert_grads_close(grads, expected)
 
 

@@ -245,9 +245,9 @@ def test_backward_empty_state_and_no_final_gradients(harness, chunks):
 
 
 @pytest.mark.parametrize("chunks", CHUNKS)
-def test_backward_without_p_chain_equals_the_sequential_operator(harness, chunks):
-    """exact_p=0 is what the op without grad_state_p computes: the sequential kernel's
-    gradients, bit for bit in the formulas if not in the rounding."""
+def test_backward_equals_the_sequential_operator(harness, chunks):
+    """The chunked kernel's gradients are the sequential kernel's (the C++ op on the CPU),
+    the final p's included."""
     from rwkv_lib import extension
 
     if extension._missing_tools() is not None:
@@ -257,8 +257,8 @@ def test_backward_without_p_chain_equals_the_sequential_operator(harness, chunks
     td, tf, k, v = inputs(B, T, C, k_scale=3.0, seed=28)
     state = some_state(B, C)
     gy, ga, gb, gp = output_grads(B, T, C, seed=29)
-    expected = torch.ops.rwkv.wkv_backward(td, tf, k, v, *state, gy, ga, gb)
-    grads = harness.backward(td, tf, k, v, gy, chunks, state, (ga, gb, gp), exact_p=False)
+    expected = torch.ops.rwkv.wkv_backward(td, tf, k, v, *state, gy, ga, gb, gp)
+    grads = harness.backward(td, tf, k, v, gy, chunks, state, (ga, gb, gp), exact_p=True)
     _close(grads, expected, 1e-9, 1e-10,
            ["time_decay", "time_first", "k", "v", "a0", "b0", "p0"])
 
