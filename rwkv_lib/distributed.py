@@ -20,7 +20,10 @@ Data parallelism, as rwkv_lib.train does it:
 - The numbers that decide what happens next (the training loss, the validation loss) are
   averaged over the ranks, so every rank sees the same value: a non-finite loss on any
   rank makes the average non-finite on all of them, and all stop at the same step.
-- Rank 0 alone writes files and prints; the others compute the same things quietly.
+- Rank 0 alone writes files and prints; the others compute the same things quietly. The
+  checkpoint holds the plain model's weights (no "module." prefix) and rank 0's random
+  states, which every rank restores on resume. Training draws no random numbers (window i
+  is a function of (seed, i)), so a run resumes exactly with any number of processes.
 
 Backends: NCCL for CUDA tensors (with gloo beside it for the few CPU-side numbers), gloo
 when training on CPUs. `dist_backend` in TrainConfig overrides the choice.

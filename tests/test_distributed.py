@@ -430,3 +430,23 @@ def test_user_mistakes_are_one_line_errors_before_any_work(corpus, tmp_path, no_
         assert not re.search(r'File ".*rwkv_lib', result.stderr), result.stderr  # no traceback
         assert not (tmp_path / name).exists()
     assert ", and cuda for rank 1 on " in _worker_lines(mixed.stderr)[0]
+
+
+def test_resuming_on_a_machine_with_fewer_gpus_restores_the_states_it_can(monkeypatch):
+    """Rank 0 saves the random states of every GPU of its machine; a run resumed with fewer
+    GPUs visible (fewer processes, CUDA_VISIBLE_DEVICES) must not set those of absent ones."""
+    from rwkv_lib.checkpoint import restore_rng_state
+
+    restored = []
+
+    def record(state, device="cuda"):
+        restored.append(torch.device("cuda", device) if isinstance(device, int) else device)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", record)
+    monkeypatch.setattr(torch.cuda.random, "set_rng_state", record)
+    cpu_state = torch.get_rng_state()
+    restore_rng_state({"torch": cpu_state, "cuda": [torch.zeros(16, dtype=torch.uint8)] * 8})
+    assert restored == [torch.device("cuda", 0)]
+    assert torch.equal(torch.get_rng_state(), cpu_state)
