@@ -1,11 +1,12 @@
-"""Training on several GPUs or machines: torchrun and DistributedDataParallel (notebook 08).
+"""Training on several GPUs or machines: torchrun and DistributedDataParallel.
 
     torchrun --nproc_per_node=4 -m rwkv_lib.train --preset enwik8 --out-dir runs/enwik8
 
 torchrun starts the command once per process and tells each copy who it is in environment
 variables: RANK (0..N-1 over all machines), LOCAL_RANK (0.. on this machine), WORLD_SIZE (N),
 LOCAL_WORLD_SIZE, and where to meet (MASTER_ADDR, MASTER_PORT). Without them, or with a
-single process, nothing here does anything and training is what it always was.
+single process, nothing here does anything and training is what it always was. The
+README's "Training on several GPUs or machines" has the commands for several machines.
 
 Data parallelism, as rwkv_lib.train does it:
 - Every process holds the whole model. DistributedDataParallel starts them all from rank
@@ -23,7 +24,8 @@ Data parallelism, as rwkv_lib.train does it:
 - Rank 0 alone writes files and prints; the others compute the same things quietly. The
   checkpoint holds the plain model's weights (no "module." prefix) and rank 0's random
   states, which every rank restores on resume. Training draws no random numbers (window i
-  is a function of (seed, i)), so a run resumes exactly with any number of processes.
+  is a function of (seed, i)), so resuming needs only the step, whatever the number of
+  processes before and after.
 
 Backends: NCCL for CUDA tensors (with gloo beside it for the few CPU-side numbers), gloo
 when training on CPUs. `dist_backend` in TrainConfig overrides the choice.
