@@ -1,4 +1,4 @@
-"""Training on several GPUs or machines: torchrun and DistributedDataParallel.
+"""Training on several GPUs or machines: torchrun and DistributedDataParallel (notebook 08).
 
     torchrun --nproc_per_node=4 -m rwkv_lib.train --preset enwik8 --out-dir runs/enwik8
 
