@@ -76,7 +76,10 @@ def capture_rng_state() -> dict[str, Any]:
 def restore_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per GPU of the machine that saved it; resumed where fewer are visible
+        # (fewer processes, CUDA_VISIBLE_DEVICES), set those that exist.
+        for index, device_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, index)
 
 
 def _atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:

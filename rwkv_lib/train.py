@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from . import distributed
 from .checkpoint import (
     CheckpointError,
     check_compatible,
@@ -54,7 +55,7 @@ from .wkv import BACKENDS
 
 # The string fields that take one of a few values (the command line offers them as choices).
 CHOICES = {"lr_schedule": ("constant", "exp"), "dtype": ("float32", "bf16"),
-           "wkv_backend": BACKENDS}
+           "wkv_backend": BACKENDS, "dist_backend": distributed.BACKENDS}
 EVAL_SEED = 1234  # validation windows are the same whatever the training seed
 CHECKPOINT_NAME = "ckpt.pt"
 
@@ -93,6 +94,7 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes
     progress: bool = True  # tqdm progress bar
     compile: bool = False  # torch.compile the model (experimental: the WKV op must allow it)
+    dist_backend: str = "auto"  # under torchrun: "auto" (NCCL on CUDA, gloo on CPU), "nccl", "gloo"
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -237,13 +239,27 @@ def save_loss_plot(metrics: dict, path: str | Path) -> Path:
 def train(config: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
     """Train (or with `resume`, continue from out_dir/ckpt.pt) and return the final metrics
     and the paths written. `stop_after` ends this call after that many steps, with a
-    checkpoint, so a long run can be split over several calls."""
+    checkpoint, so a long run can be split over several calls.
+
+    Started by torchrun, every process runs this with the same config and trains its share
+    of each batch with DistributedDataParallel (see rwkv_lib.distributed); rank 0 writes."""
+    check_config(config)
+    with distributed.start(config.device, config.batch_size, config.dist_backend) as ctx:
+        try:
+            return _train(config, ctx, resume, stop_after)
+        except TrainingDiverged:
+            ctx.barrier()  # all ranks stop at the same step, after rank 0 has written its files
+            raise
+
+
+def _train(config: TrainConfig, ctx: distributed.Context, resume: bool,
+           stop_after: int | None) -> dict:
     t_start = time.perf_counter()
     check_config(config)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / CHECKPOINT_NAME
-    device = resolve_device(config.device)
+    device = resolve_device(config.device) if ctx.device is None else ctx.device
     autocast = _autocast(config, device)
     if config.dtype == "bf16" and device.type != "cuda":
         print(f"note: bf16 autocast is used on CUDA only; training in float32 on {device}")
@@ -256,7 +272,8 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
                               seed=config.seed, vocab=vocab)
     val_set = WindowDataset(splits["val"], config.ctx_len, config.eval_iters * config.batch_size,
                             seed=EVAL_SEED, vocab=vocab)
-    val_batches = list(DataLoader(val_set, batch_size=config.batch_size))
+    val_batches = list(DataLoader(val_set, batch_size=config.batch_size // ctx.world_size,
+                                  sampler=ctx.windows(0, config.eval_iters, config.batch_size)))
     unigram = unigram_entropy_bits(splits["val"])
 
     # --- model and optimizer, fresh or from the checkpoint ---
@@ -279,8 +296,11 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
         metrics["train"], metrics["val"] = ckpt["metrics"]["train"], ckpt["metrics"]["val"]
         restore_rng_state(ckpt["rng_state"])
     # Written once the config is known to fit the checkpoint: config.json is this run's.
-    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    runner = torch.compile(model) if config.compile else model
+    if ctx.is_main:
+        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2)
+                                             + "\n")
+    runner = ctx.wrap(model)  # DistributedDataParallel under torchrun, else the model itself
+    runner = torch.compile(runner) if config.compile else runner
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{config.corpus}: {len(data):,} bytes, vocabulary {vocab.size}, unigram entropy "
           f"of the validation split {unigram:.3f} bits per byte")
@@ -288,8 +308,8 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
           + (f", resuming at step {step}" if resume else ""))
 
     end = config.max_steps if stop_after is None else min(config.max_steps, step + stop_after)
-    loader = DataLoader(train_set, batch_size=config.batch_size,
-                        sampler=range(step * config.batch_size, end * config.batch_size),
+    loader = DataLoader(train_set, batch_size=config.batch_size // ctx.world_size,
+                        sampler=ctx.windows(step, end, config.batch_size),
                         num_workers=config.num_workers, pin_memory=device.type == "cuda")
     tokens_per_step = config.batch_size * config.ctx_len
 
@@ -298,12 +318,13 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     def checkpoint() -> None:
         nonlocal saved_step
         saved_step = step
-        save_checkpoint(ckpt_path, model=model, optimizer=optimizer, step=step,
-                        train_config=config, vocab=vocab,
-                        data_position=step * config.batch_size, metrics=metrics)
+        if ctx.is_main:  # `model`, not the DDP wrapper: RWKV-LM's names, no "module."
+            save_checkpoint(ckpt_path, model=model, optimizer=optimizer, step=step,
+                            train_config=config, vocab=vocab,
+                            data_position=step * config.batch_size, metrics=metrics)
 
     def evaluate() -> float:
-        val_loss = estimate_loss(runner, val_batches, device, autocast)
+        val_loss = ctx.mean(estimate_loss(runner, val_batches, device, autocast))
         metrics["val"].append({"step": step, "tokens": step * tokens_per_step,
                                "loss": val_loss, "bpb": val_loss / math.log(2)})
         return val_loss
@@ -312,7 +333,8 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
         (bar.write if config.progress else print)(line)
 
     def write_metrics() -> None:
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        if ctx.is_main:
+            (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
 
     bar = tqdm(total=config.max_steps, initial=step, disable=not config.progress,
                unit="step", dynamic_ncols=True)
@@ -333,7 +355,7 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
             logits = runner(x)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         loss = l2wrap(loss, logits)
-        loss_value = loss.item()
+        loss_value = ctx.mean(loss.item())  # the same on every rank: all stop together
         if not math.isfinite(loss_value):
             bar.close()
             write_metrics()
@@ -385,7 +407,8 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     }
     metrics["final"] = final
     write_metrics()
-    save_loss_plot(metrics, out_dir / "loss.png")
+    if ctx.is_main:
+        save_loss_plot(metrics, out_dir / "loss.png")
     print(f"step {step}: validation {final['val_bpb']:.3f} bits per byte, unigram entropy "
           f"{unigram:.3f}; wrote {ckpt_path}")
     paths = {name: str(out_dir / name) for name in
@@ -457,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    distributed.silence_other_ranks()  # under torchrun, what rank 0 prints is enough
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     preset, resume = args.pop("preset"), args.pop("resume")
