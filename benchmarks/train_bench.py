@@ -2,7 +2,7 @@
 
     python benchmarks/train_bench.py --rwkv-lm .peers/RWKV-LM        # needs a CUDA GPU
     python benchmarks/train_bench.py --device cpu --n-layer 1 --n-embd 32 --ctx-len 16 \\
-        --batch-size 2 --steps 2 --warmup 1 --results-dir /tmp/r     # dry run of the script
+        --batch-size 2 --steps 2 --warmup 1 --results-dir dry-run   # dry run of the script
 
 The model and step are those of `rwkv_lib.train` with the `enwik8` preset: L12-C512,
 ctx 1024, batch 12, bfloat16 autocast, Adam (AdamW without decay), L2Wrap, gradient

@@ -3,7 +3,7 @@
     python benchmarks/wkv_gpu_bench.py --rwkv-lm .peers/RWKV-LM     # needs a CUDA GPU
     python benchmarks/wkv_gpu_bench.py --quick                       # one shape, ours only
     python benchmarks/wkv_gpu_bench.py --device cpu --shapes 2x16x8 --long-shapes 1x40x8 \\
-        --sweep-chunks 1,2 --results-dir /tmp/r                      # dry run of the script
+        --sweep-chunks 1,2 --results-dir dry-run                      # dry run of the script
 
 In one process: the device's copy bandwidth; at (B, T, C) = (1, 1024, 512), (12, 1024, 512)
 and (32, 1024, 1024) a numerical check that the implementations agree, then the forward

@@ -94,7 +94,7 @@ def combine(w: Tensor, a_left: Tensor, b_left: Tensor, p_left: Tensor, n_right: 
 
 
 def update_step(w, k, v, a, b, p):
-    """The state after one token: decay the past by e^w, add e^k (spec section 3)."""
+    """The state after one token: decay the past by e^w, add e^k (docs/rwkv4.md, section 7.3)."""
     q, e1, e2, past = rescale(p + w, k)
     return e1 * a + e2 * v, e1 * b + e2, q, past
 
