@@ -42,7 +42,7 @@ import torch
 from torch.utils import cpp_extension
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "cuda"
-WKV_SOURCES = ("wkv_ops.cpp", "wkv_cpu.cpp")
+WKV_SOURCES = ("wkv_ops.cpp", "wkv_cpu.cpp", "rwkv_step_cpu.cpp")
 WKV_CUDA_SOURCES = ("wkv_cuda.cu",)
 WKV_HEADERS = ("wkv_math.h",)  # not compiled on their own, but part of the hash
 SIGMOID_SOURCES = ("sigmoid.cpp",)
