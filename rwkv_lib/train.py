@@ -92,7 +92,9 @@ class TrainConfig:
     checkpoint_interval: int = 100  # 0: only at the end
     num_workers: int = 0  # DataLoader worker processes
     progress: bool = True  # tqdm progress bar
-    compile: bool = False  # torch.compile the model (experimental: the WKV op must allow it)
+    # torch.compile the model: True, False, or "auto" (see will_compile): fuses the many
+    # element-wise operations around the matrix products; the first step then compiles
+    compile: bool | str = "auto"
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -141,10 +143,27 @@ def check_config(config: TrainConfig) -> None:
     if not (config.lr_init > 0 and config.lr_final > 0):
         problems.append(f"lr_init and lr_final must be > 0, got {config.lr_init}, "
                         f"{config.lr_final}")
+    if config.compile not in (True, False, "auto"):
+        problems.append(f"compile must be true, false or auto, got {config.compile!r}")
     if config.grad_clip is not None and config.grad_clip <= 0:
         problems.append(f"grad_clip must be > 0 or None, got {config.grad_clip}")
     if problems:
         raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+
+# "auto" compiles on the CPU for runs of at least this many steps. Compiling the training
+# step takes about a minute on 2 CPU cores and then saves about half of each step's time
+# (benchmarks/cpu_bench.py), which short runs such as the ci preset never earn back. The
+# choice depends on the config alone, not on the step a run resumes from, so that a
+# resumed run computes exactly what the uninterrupted one would have.
+AUTO_COMPILE_STEPS = 5000
+
+
+def will_compile(config: TrainConfig, device: torch.device) -> bool:
+    """Whether training with this config runs the model through torch.compile."""
+    if config.compile == "auto":
+        return device.type == "cpu" and config.max_steps >= AUTO_COMPILE_STEPS
+    return bool(config.compile)
 
 
 def config_from_dict(values: dict) -> TrainConfig:
@@ -280,7 +299,15 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
         restore_rng_state(ckpt["rng_state"])
     # Written once the config is known to fit the checkpoint: config.json is this run's.
     (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    runner = torch.compile(model) if config.compile else model
+    if will_compile(config, device):
+        from .extension import load_wkv_extension
+
+        if config.wkv_backend in ("auto", "cpp", "cuda"):
+            with contextlib.suppress(Exception):  # "auto" falls back when it cannot build
+                load_wkv_extension()  # the compiled graph calls the ops: register them first
+        runner = torch.compile(model)
+    else:
+        runner = model
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{config.corpus}: {len(data):,} bytes, vocabulary {vocab.size}, unigram entropy "
           f"of the validation split {unigram:.3f} bits per byte")
@@ -406,9 +433,23 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _parse_compile(text: str) -> bool | str:
+    if text.lower() == "auto":
+        return "auto"
+    try:
+        return _parse_bool(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected true, false or auto, got {text!r}") from None
+
+
+_parse_compile.__name__ = "true, false or auto"
+
+
 def _converter(hint: typing.Any) -> typing.Callable[[str], typing.Any]:
     """str -> value for a field's type; `X | None` also accepts "none"."""
     args = typing.get_args(hint)
+    if hint == bool | str:  # compile: true, false or auto
+        return _parse_compile
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         inner = _converter(next(a for a in args if a is not type(None)))
 
