@@ -1,4 +1,5 @@
-"""The fused RNN-mode step: the whole model, one token per row, in one C++ call.
+"""The fused RNN-mode step: the whole model, one token per row, in one C++ call
+(used by notebook 09_generation's `generate`).
 
 `RWKV.step` and `RWKV.step_` run it whenever it applies (see `fused_weights`), and fall
 back to the PyTorch ops of rwkv_lib.model otherwise; both give the same logits within
