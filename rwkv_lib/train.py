@@ -253,10 +253,37 @@ def save_loss_plot(metrics: dict, path: str | Path) -> Path:
     return Path(path)
 
 
+@contextlib.contextmanager
+def _deterministic_when_compiled(config: TrainConfig):
+    """Compiled code reduces in parallel in an order that varies from run to run (two
+    runs on 2 threads differed by 6e-8); with deterministic algorithms requested while it
+    is generated and run, a resumed run repeats the uninterrupted one bit for bit."""
+    try:
+        compiled = config.compile is not False and will_compile(config,
+                                                                resolve_device(config.device))
+    except RuntimeError:
+        compiled = False  # train() itself reports the bad device
+    if not compiled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 def train(config: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
     """Train (or with `resume`, continue from out_dir/ckpt.pt) and return the final metrics
     and the paths written. `stop_after` ends this call after that many steps, with a
     checkpoint, so a long run can be split over several calls."""
+    with _deterministic_when_compiled(config):
+        return _train(config, resume, stop_after)
+
+
+def _train(config: TrainConfig, resume: bool, stop_after: int | None) -> dict:
     t_start = time.perf_counter()
     check_config(config)
     out_dir = Path(config.out_dir)

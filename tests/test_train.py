@@ -194,3 +194,28 @@ def test_compile_auto_depends_on_the_config_only():
             for v in ("auto", "TRUE", "off")] == ["auto", True, False]
     with pytest.raises(ValueError, match="compile must be true, false or auto"):
         train_mod.check_config(get_config("ci", compile="sometimes"))
+
+
+@pytest.mark.slow
+def test_compiled_training_resumes_exactly(corpus, tmp_path):
+    # Compiled code reduces in parallel in a varying order unless deterministic algorithms
+    # are on, which train() turns on while it runs a compiled model (and restores after).
+    from rwkv_lib.extension import ExtensionUnavailable, load_wkv_extension
+
+    try:
+        load_wkv_extension()
+    except ExtensionUnavailable as err:
+        pytest.skip(f"needs the C++ extension: {err}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # one thread would be deterministic anyway
+    try:
+        kw = dict(compile=True, wkv_backend="auto")
+        whole = train(tiny(corpus, tmp_path / "whole", **kw))
+        split = tiny(corpus, tmp_path / "split", **kw)
+        train(split, stop_after=3)
+        second = train(split, resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert not torch.are_deterministic_algorithms_enabled()
+    _weights_equal(load_checkpoint(whole["checkpoint"])["model"],
+                   load_checkpoint(second["checkpoint"])["model"])
