@@ -59,12 +59,15 @@ def fail(message: str) -> None:
     raise SystemExit(f"cpu_bench: {message}")
 
 
-def import_peers(need_nanogpt: bool, nanogpt: str | None):
-    try:
-        os.environ.setdefault("RWKV_JIT_ON", "1")  # the package's default, TorchScript
-        from rwkv.model import RWKV as PackageRWKV
-    except ImportError:
-        fail("the `rwkv` package is missing; install it with `pip install rwkv`")
+def import_peers(need_rwkv: bool, need_nanogpt: bool, nanogpt: str | None):
+    PackageRWKV = None
+    if need_rwkv:
+        try:
+            os.environ.setdefault("RWKV_JIT_ON", "1")  # the package's default, TorchScript
+            from rwkv.model import RWKV as PackageRWKV
+        except ImportError:
+            fail("the `rwkv` package is missing (the gen and prompt rows need it); install "
+                 "it with `pip install rwkv`")
     gpt_module = None
     if need_nanogpt:
         if nanogpt is None:
@@ -424,7 +427,8 @@ def main() -> None:
         fail(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     args.reps = 5 if args.quick else 15
     args.reps_small = 3 if args.quick else 10
-    PackageRWKV, gpt = import_peers("train" in sections, args.nanogpt)
+    PackageRWKV, gpt = import_peers("gen" in sections or "prompt" in sections,
+                                    "train" in sections, args.nanogpt)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{'quick' if args.quick else 'full'} run", flush=True)
