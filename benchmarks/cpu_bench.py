@@ -173,6 +173,13 @@ def check_logits(ours, theirs, tokens: list[int]) -> float:
     return worst
 
 
+def same_logits(diff: float, what: str, tolerance: float = 1e-3) -> None:
+    """Timing two implementations is only fair if they compute the same thing."""
+    if not diff <= tolerance:
+        fail(f"{what}: our logits and the rwkv package's differ by {diff:.3g} "
+             f"(more than {tolerance}); the comparison would not be of the same model")
+
+
 def bench_generation(args, PackageRWKV, tmp: Path) -> list[dict]:
     sizes = ((12, 512, 16 if args.quick else 48), (2, 96, 128 if args.quick else 512))
     return [generation_row(args, PackageRWKV, tmp, *size) for size in sizes]
@@ -184,6 +191,7 @@ def generation_row(args, PackageRWKV, tmp: Path, n_layer: int, n_embd: int,
 
     ours, theirs = exported_pair(n_layer, n_embd, args.vocab, PackageRWKV, tmp)
     diff = check_logits(ours, theirs, [1, 7, 42, 3, 200 % args.vocab])
+    same_logits(diff, f"L{n_layer}-C{n_embd} RNN steps")
 
     def package_generate():  # the same loop: greedy, a one-token prompt
         out, state = theirs.forward([1], None)
@@ -247,6 +255,7 @@ def bench_prompt(args, PackageRWKV, tmp: Path) -> dict:
         nxt = ours.step_(torch.tensor([5]), state)
     pnxt, _ = theirs.forward([5], pstate)
     diff = max(diff, (nxt[0] - pnxt).abs().max().item())
+    same_logits(diff, "the 512-token prompt")
     return {"model": "L12-C512", "tokens": 512, "max_logit_diff": diff,
             "ours_ms": t["ours"] * 1e3, "rwkv_pkg_ms": t["rwkv_pkg"] * 1e3,
             "products_only_ms": t["products"] * 1e3}
