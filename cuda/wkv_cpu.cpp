@@ -40,12 +40,14 @@ namespace {
 
 // Channels per task, multiples of the widest vector (16 floats). The forward pass prefers
 // wide blocks (less loop overhead per time step) but narrows them until every thread has
-// work. The backward pass keeps the state before every token of its block, T x 3 x 32
-// values, which then stays in the core's L2 cache for the reverse sweep. (On the 2-core
-// development machine: forward blocks of 128 channels ran ~20% faster than 64; backward
-// blocks of 32 ran faster than 64 at T = 1024, where 64 spills out of L2.)
+// work. The backward pass keeps the state before every token of its block, T x 3 x block
+// values, which must stay in the core's L2 cache for the reverse sweep: its block is the
+// widest of 128, 64, 32 channels whose saved state fits kBackwardScratchBytes. (On the
+// 2-core development machine: forward blocks of 128 channels ran ~20% faster than 64;
+// backward blocks of 32 ran faster than 64 at T = 1024, where 64 spills out of L2, and
+// 64 or 128 ran ~25% faster than 32 at T = 256, where there is less work per time step.)
 constexpr int64_t kMaxForwardBlock = 128;
-constexpr int64_t kBackwardBlock = 32;
+constexpr int64_t kBackwardScratchBytes = 256 * 1024;
 
 int64_t forward_block(int64_t B, int64_t C) {
     int64_t block = kMaxForwardBlock;
@@ -173,14 +175,13 @@ void forward_impl(int64_t B, int64_t T, int64_t C, const F* w, const F* u, const
     });
 }
 
-template <typename F>
-void backward_impl(int64_t B, int64_t T, int64_t C, const F* w, const F* u, const F* k,
-                   const F* v, const F* a0, const F* b0, const F* p0, const F* gy,
-                   const F* gaT, const F* gbT, const F* gpT, F* gw, F* gu, F* gk, F* gv,
-                   F* ga0, F* gb0, F* gp0) {
+template <int64_t kBlock, typename F>
+void backward_blocks(int64_t B, int64_t T, int64_t C, const F* w, const F* u, const F* k,
+                     const F* v, const F* a0, const F* b0, const F* p0, const F* gy,
+                     const F* gaT, const F* gbT, const F* gpT, F* gw, F* gu, F* gk, F* gv,
+                     F* ga0, F* gb0, F* gp0) {
     // The reverse pass needs the state before every token: per block T x 3 x kBlock values
     // in a per-thread buffer, which stays in cache, instead of a (B, T, C) array.
-    constexpr int64_t kBlock = kBackwardBlock;
     for_each_block<F>(B, C, kBlock, 3 * T * kBlock, [&](int64_t row, int64_t c0, int64_t n,
                                                         F* saved) {
         alignas(64) F a[kBlock], b[kBlock], p[kBlock];
@@ -227,6 +228,27 @@ void backward_impl(int64_t B, int64_t T, int64_t C, const F* w, const F* u, cons
             if (gp0 && a0 && b0) gp0[s + c] = ga[c] * a0[s + c] + gb[c] * b0[s + c] + gp[c];
         }
     });
+}
+
+template <typename F>
+void backward_impl(int64_t B, int64_t T, int64_t C, const F* w, const F* u, const F* k,
+                   const F* v, const F* a0, const F* b0, const F* p0, const F* gy,
+                   const F* gaT, const F* gbT, const F* gpT, F* gw, F* gu, F* gk, F* gv,
+                   F* ga0, F* gb0, F* gp0) {
+    // the saved state of a block fits in cache, and every thread has work
+    const auto fits = [&](int64_t block) {
+        return 3 * T * block * static_cast<int64_t>(sizeof(F)) <= kBackwardScratchBytes &&
+               B * ((C + block - 1) / block) >= 2 * at::get_num_threads();
+    };
+    if (fits(128))
+        backward_blocks<128>(B, T, C, w, u, k, v, a0, b0, p0, gy, gaT, gbT, gpT, gw, gu, gk,
+                             gv, ga0, gb0, gp0);
+    else if (fits(64))
+        backward_blocks<64>(B, T, C, w, u, k, v, a0, b0, p0, gy, gaT, gbT, gpT, gw, gu, gk,
+                            gv, ga0, gb0, gp0);
+    else
+        backward_blocks<32>(B, T, C, w, u, k, v, a0, b0, p0, gy, gaT, gbT, gpT, gw, gu, gk,
+                            gv, ga0, gb0, gp0);
 }
 
 }  // namespace

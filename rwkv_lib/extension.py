@@ -68,7 +68,7 @@ else:
     import fcntl
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "cuda"
-WKV_SOURCES = ("wkv_ops.cpp", "wkv_cpu.cpp")
+WKV_SOURCES = ("wkv_ops.cpp", "wkv_cpu.cpp", "rwkv_step_cpu.cpp")
 WKV_CUDA_SOURCES = ("wkv_cuda.cu", "wkv_cuda_chunked.cu")
 WKV_HEADERS = ("wkv_math.h", "wkv_chunked.h")  # not compiled on their own, but hashed
 SIGMOID_SOURCES = ("sigmoid.cpp",)

@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from .data import ByteVocab
 from .model import RWKV
+from .rnn_step import RNNStepper
 
 
 def sample_logits(
@@ -48,39 +50,86 @@ def sample_logits(
     return ids.reshape(probs.shape[:-1])
 
 
+@dataclass
+class GenerationState:
+    """Where a generated text stands, to continue it later (`generate(..., state=...)`).
+
+    rnn: the RNN state (n_layer, 5, 1, C) after every token so far, the last one included;
+    logits: (1, V), the scores for the token after them; rng: the sampling generator's
+    state, so that a continued text draws the same random numbers as one long call.
+    """
+
+    rnn: torch.Tensor
+    logits: torch.Tensor
+    rng: torch.Tensor
+
+
 @torch.no_grad()
 def generate(
     model: RWKV, prompt: Sequence[int] | torch.Tensor, max_new_tokens: int,
-    temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-) -> list[int]:
-    """Continue `prompt` (token ids) by `max_new_tokens` ids; seeded and reproducible."""
+    temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+    state: GenerationState | None = None, return_state: bool = False,
+    weights_dtype: torch.dtype | None = None,
+) -> list[int] | tuple[list[int], GenerationState]:
+    """Continue `prompt` (token ids) by `max_new_tokens` ids; seeded and reproducible.
+
+    The prompt runs in GPT mode (all its tokens at once), each new token is one RNN step.
+    `return_state=True` also returns a GenerationState; passing it back as `state`
+    continues that text (`prompt` may then be empty, or hold ids to append first), and
+    generating 10 then 10 more gives the same ids as generating 20. `seed` None means 0
+    for a new text, and the random stream of `state` when continuing one.
+    `weights_dtype=torch.bfloat16` runs the RNN steps with bfloat16 copies of the weight
+    matrices (CPU only; see rwkv_lib.rnn_step.RNNStepper).
+    """
     device = model.head.weight.device
     prompt = torch.as_tensor(prompt, dtype=torch.long, device=device).reshape(1, -1)
-    if prompt.shape[1] == 0:
+    if prompt.shape[1] == 0 and state is None:
         raise ValueError("generate: the prompt is empty; give at least one token")
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device)
+    if seed is not None or state is None:
+        generator.manual_seed(0 if seed is None else seed)
+    else:
+        generator.set_state(state.rng)
     was_training = model.training
     model.eval()
-    logits, state = model(prompt, return_state=True)
-    logits = logits[:, -1]
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        token = sample_logits(logits, temperature, top_p, generator)
-        out.append(int(token))
-        logits, state = model.step(token, state)
-    model.train(was_training)
+    try:
+        if state is None:
+            logits, rnn = model(prompt, return_state=True)
+            logits = logits[:, -1]
+        else:
+            rnn, logits = state.rnn.clone(), state.logits
+            if prompt.shape[1]:
+                logits, rnn = model(prompt, state=rnn, return_state=True)
+                logits = logits[:, -1]
+        step = RNNStepper(model, weights_dtype)  # weights gathered once for the whole loop
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            token = sample_logits(logits, temperature, top_p, generator)
+            out.append(int(token))
+            # the step after the last token too: its state is what a continuation needs
+            logits = step(token, rnn)
+    finally:
+        model.train(was_training)
+    if return_state:
+        return out, GenerationState(rnn, logits, generator.get_state())
     return out
 
 
 def generate_text(
     model: RWKV, vocab: ByteVocab, prompt: str | bytes, max_new_tokens: int,
-    temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-) -> str:
+    temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+    state: GenerationState | None = None, return_state: bool = False,
+) -> str | tuple[str, GenerationState]:
     """Encode a text prompt, continue it, and return the new text (bytes decoded as
-    UTF-8; a multi-byte character cut by the end shows as U+FFFD)."""
+    UTF-8; a multi-byte character cut by the end shows as U+FFFD). `state` and
+    `return_state` continue a text as in `generate`."""
     data = prompt.encode("utf-8") if isinstance(prompt, str) else prompt
-    ids = generate(model, vocab.encode(data), max_new_tokens, temperature, top_p, seed)
-    return vocab.decode_text(ids)
+    result = generate(model, vocab.encode(data), max_new_tokens, temperature, top_p, seed,
+                      state=state, return_state=return_state)
+    if return_state:
+        ids, new_state = result
+        return vocab.decode_text(ids), new_state
+    return vocab.decode_text(result)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
+from . import rnn_step
 from .wkv import P_INIT, compute_dtype, wkv
 
 # RNN-mode state: one float32 tensor of shape (n_layer, 5, B, C). Per layer, the five
@@ -270,14 +271,30 @@ class RWKV(nn.Module):
         return state
 
     def step(self, token: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """RNN mode: logits (B, V) for one token per row (B,), and the next state."""
+        """RNN mode: logits (B, V) for one token per row (B,), and the next state (a new
+        tensor; `state` is left as it was). `step_` saves that copy."""
         self._check_idx(token, 1)
         self._check_state(state, token.shape[0])
         state = state.clone()
+        return self._step_in_place(token, state), state
+
+    def step_(self, token: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """RNN mode in place: logits (B, V) for one token per row (B,); `state` becomes the
+        next state. For a loop that has no use for the old state (generation)."""
+        self._check_idx(token, 1)
+        self._check_state(state, token.shape[0])
+        return self._step_in_place(token, state)
+
+    def _step_in_place(self, token: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        # One C++ call for the whole model where it applies (rwkv_lib.rnn_step), else the
+        # PyTorch ops of the blocks' step methods; the two agree to float rounding.
+        weights = rnn_step.fused_weights(self, state)
+        if weights is not None:
+            return rnn_step.run(weights, token, state, self.ln_out.eps)
         x = self.emb(token)
         for i, block in enumerate(self.blocks):
             x = block.step(x, state[i])
-        return self.head(self.ln_out(x)), state
+        return self.head(self.ln_out(x))
 
 
 def count_parameters(config: RWKVConfig) -> int:

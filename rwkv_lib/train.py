@@ -93,7 +93,9 @@ class TrainConfig:
     checkpoint_interval: int = 100  # 0: only at the end
     num_workers: int = 0  # DataLoader worker processes
     progress: bool = True  # tqdm progress bar
-    compile: bool = False  # torch.compile the model (experimental: the WKV op must allow it)
+    # torch.compile the model: True, False, or "auto" (see will_compile): fuses the many
+    # element-wise operations around the matrix products; the first step then compiles
+    compile: bool | str = "auto"
     dist_backend: str = "auto"  # under torchrun: "auto" (NCCL on CUDA, gloo on CPU), "nccl", "gloo"
 
 
@@ -143,10 +145,28 @@ def check_config(config: TrainConfig) -> None:
     if not (config.lr_init > 0 and config.lr_final > 0):
         problems.append(f"lr_init and lr_final must be > 0, got {config.lr_init}, "
                         f"{config.lr_final}")
+    if config.compile not in (True, False, "auto"):
+        problems.append(f"compile must be true, false or auto, got {config.compile!r}")
     if config.grad_clip is not None and config.grad_clip <= 0:
         problems.append(f"grad_clip must be > 0 or None, got {config.grad_clip}")
     if problems:
         raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+
+# "auto" compiles on the CPU for runs of at least this many steps. On the 2-core
+# development machine (benchmarks/cpu_bench.py, L4-C128) compiling the training step took
+# 17 s with torch's compile cache warm and 170 s cold on a busy machine, and the compiled
+# step then ran 1.25x to 2.2x as fast as the eager one: time that short runs such as the
+# ci preset never earn back. The choice depends on the config alone, not on the step a run
+# resumes from, so that a resumed run computes exactly what the uninterrupted one would.
+AUTO_COMPILE_STEPS = 5000
+
+
+def will_compile(config: TrainConfig, device: torch.device) -> bool:
+    """Whether training with this config runs the model through torch.compile."""
+    if config.compile == "auto":
+        return device.type == "cpu" and config.max_steps >= AUTO_COMPILE_STEPS
+    return bool(config.compile)
 
 
 def config_from_dict(values: dict) -> TrainConfig:
@@ -236,6 +256,28 @@ def save_loss_plot(metrics: dict, path: str | Path) -> Path:
     return Path(path)
 
 
+@contextlib.contextmanager
+def _deterministic_when_compiled(config: TrainConfig):
+    """Compiled code reduces in parallel in an order that varies from run to run (two
+    runs on 2 threads differed by 6e-8); with deterministic algorithms requested while it
+    is generated and run, a resumed run repeats the uninterrupted one bit for bit."""
+    try:
+        compiled = config.compile is not False and will_compile(config,
+                                                                resolve_device(config.device))
+    except RuntimeError:
+        compiled = False  # train() itself reports the bad device
+    if not compiled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 def train(config: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
     """Train (or with `resume`, continue from out_dir/ckpt.pt) and return the final metrics
     and the paths written. `stop_after` ends this call after that many steps, with a
@@ -244,7 +286,8 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     Started by torchrun, every process runs this with the same config and trains its share
     of each batch with DistributedDataParallel (see rwkv_lib.distributed); rank 0 writes."""
     check_config(config)
-    with distributed.start(config.device, config.batch_size, config.dist_backend) as ctx:
+    with distributed.start(config.device, config.batch_size, config.dist_backend) as ctx, \
+            _deterministic_when_compiled(config):
         try:
             return _train(config, ctx, resume, stop_after)
         except TrainingDiverged:
@@ -300,7 +343,13 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool,
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2)
                                              + "\n")
     runner = ctx.wrap(model)  # DistributedDataParallel under torchrun, else the model itself
-    runner = torch.compile(runner) if config.compile else runner
+    if will_compile(config, device):
+        from .extension import load_wkv_extension
+
+        if config.wkv_backend in ("auto", "cpp", "cuda"):
+            with contextlib.suppress(Exception):  # "auto" falls back when it cannot build
+                load_wkv_extension()  # the compiled graph calls the ops: register them first
+        runner = torch.compile(runner)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{config.corpus}: {len(data):,} bytes, vocabulary {vocab.size}, unigram entropy "
           f"of the validation split {unigram:.3f} bits per byte")
@@ -429,9 +478,23 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _parse_compile(text: str) -> bool | str:
+    if text.lower() == "auto":
+        return "auto"
+    try:
+        return _parse_bool(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected true, false or auto, got {text!r}") from None
+
+
+_parse_compile.__name__ = "true, false or auto"
+
+
 def _converter(hint: typing.Any) -> typing.Callable[[str], typing.Any]:
     """str -> value for a field's type; `X | None` also accepts "none"."""
     args = typing.get_args(hint)
+    if hint == bool | str:  # compile: true, false or auto
+        return _parse_compile
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         inner = _converter(next(a for a in args if a is not type(None)))
 

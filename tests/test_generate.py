@@ -79,3 +79,46 @@ def test_greedy_generation_matches_gpt_mode_argmax():
 def test_empty_prompt_is_an_error():
     with pytest.raises(ValueError, match="prompt is empty"):
         generate(_model(), [], 3)
+
+
+@pytest.mark.parametrize("backend", ["pytorch", "auto"])
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (0.9, 0.8)])
+def test_continuing_a_text_equals_one_long_call(backend, temperature, top_p):
+    model = _model()
+    model.config.wkv_backend = backend
+    for block in model.blocks:
+        block.att.backend = backend
+    whole = generate(model, [1, 2, 3], 20, temperature, top_p, seed=4)
+    first, state = generate(model, [1, 2, 3], 10, temperature, top_p, seed=4,
+                            return_state=True)
+    second, state = generate(model, [], 10, temperature, top_p, state=state, return_state=True)
+    assert first + second == whole
+    # the state is the one after all 23 tokens, whichever way they came
+    with torch.no_grad():
+        _, expected = model(torch.tensor([[1, 2, 3] + whole]), return_state=True)
+    torch.testing.assert_close(state.rnn, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_continuing_with_more_prompt():
+    # continuing with new prompt ids is the same as having them at the end of the text
+    model = _model()
+    first, state = generate(model, [1, 2], 5, temperature=0, return_state=True)
+    more = generate(model, [7, 8], 6, temperature=0, state=state)
+    assert more == generate(model, [1, 2] + first + [7, 8], 6, temperature=0)
+
+
+def test_continuing_does_not_change_the_given_state():
+    model = _model()
+    _, state = generate(model, [1, 2], 3, return_state=True)
+    rnn = state.rnn.clone()
+    a = generate(model, [], 5, state=state)
+    assert torch.equal(state.rnn, rnn) and a == generate(model, [], 5, state=state)
+    assert generate(model, [], 5, state=state, seed=9) == generate(model, [], 5, state=state,
+                                                                   seed=9)
+
+
+def test_bfloat16_weights_generate():
+    torch.manual_seed(0)
+    model = RWKV(RWKVConfig(vocab_size=30, n_layer=2, n_embd=16))
+    ids = generate(model, [1, 2, 3], 12, temperature=0, weights_dtype=torch.bfloat16)
+    assert len(ids) == 12 and all(0 <= t < 30 for t in ids)

@@ -56,7 +56,8 @@ def test_presets_follow_the_spec():
     assert (recipe.lr_init, recipe.lr_final, recipe.lr_schedule) == (8e-4, 1e-5, "exp")
     assert (recipe.betas, recipe.eps, recipe.weight_decay) == ((0.9, 0.99), 1e-8, 0.0)
     assert recipe.grad_clip == 1.0 and recipe.dtype == "bf16" and recipe.warmup_steps > 0
-    assert ci.corpus == "sample" and not ci.compile
+    assert ci.corpus == "sample" and ci.compile == "auto"
+    assert not train_mod.will_compile(ci, torch.device("cpu"))  # too short to pay off
     assert all(name == config.preset for name, config in PRESETS.items())
 
 
@@ -178,3 +179,43 @@ def test_bad_config_is_refused_before_any_work(tmp_path):
                                          r"grad_clip must be > 0 or None"):
         train(bad)
     assert not (tmp_path / "run").exists()
+
+
+def test_compile_auto_depends_on_the_config_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    long_run = get_config("ci", max_steps=train_mod.AUTO_COMPILE_STEPS)
+    assert train_mod.will_compile(long_run, cpu) and not train_mod.will_compile(long_run, cuda)
+    short = get_config("ci", max_steps=train_mod.AUTO_COMPILE_STEPS - 1)
+    assert not train_mod.will_compile(short, cpu)
+    assert train_mod.will_compile(get_config("ci", compile=True), cpu)
+    assert not train_mod.will_compile(dataclasses.replace(long_run, compile=False), cpu)
+    parser = train_mod.build_parser()
+    assert [vars(parser.parse_args(["--compile", v]))["compile"]
+            for v in ("auto", "TRUE", "off")] == ["auto", True, False]
+    with pytest.raises(ValueError, match="compile must be true, false or auto"):
+        train_mod.check_config(get_config("ci", compile="sometimes"))
+
+
+@pytest.mark.slow
+def test_compiled_training_resumes_exactly(corpus, tmp_path):
+    # Compiled code reduces in parallel in a varying order unless deterministic algorithms
+    # are on, which train() turns on while it runs a compiled model (and restores after).
+    from rwkv_lib.extension import ExtensionUnavailable, load_wkv_extension
+
+    try:
+        load_wkv_extension()
+    except ExtensionUnavailable as err:
+        pytest.skip(f"needs the C++ extension: {err}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # one thread would be deterministic anyway
+    try:
+        kw = dict(compile=True, wkv_backend="auto")
+        whole = train(tiny(corpus, tmp_path / "whole", **kw))
+        split = tiny(corpus, tmp_path / "split", **kw)
+        train(split, stop_after=3)
+        second = train(split, resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert not torch.are_deterministic_algorithms_enabled()
+    _weights_equal(load_checkpoint(whole["checkpoint"])["model"],
+                   load_checkpoint(second["checkpoint"])["model"])
