@@ -190,3 +190,45 @@ def test_one_clear_line(name, files):
     # a failed command leaves no trace: no new files or folders, the checkpoint untouched
     assert sorted(os.listdir(files["tmp"])) == before
     assert Path(files["victim"]).read_bytes() == victim
+
+
+# --- the pieces, in-process -----------------------------------------------------------------
+
+@pytest.mark.parametrize("err, words", [
+    (PermissionError(13, "Permission denied", "/data/x"), "/data/x: permission denied"),
+    (OSError(30, "Read-only file system", "/mnt/ro/run"), "/mnt/ro/run: on a read-only file"),
+    (NotADirectoryError(20, "Not a directory", "/a/file/run"), "/a/file/run: not a folder"),
+    (IsADirectoryError(21, "Is a directory", "/a/dir"), "/a/dir: is a folder, not a file"),
+    (OSError(28, "No space left on device"), "No space left on device"),
+    (FileNotFoundError("checkpoint not found: x.pt"), "checkpoint not found: x.pt"),
+    (ValueError("a bad value\nover two lines"), "a bad value over two lines"),
+    (FloatingPointError("the loss is nan"), "the loss is nan"),
+])
+def test_each_user_error_is_one_line(capsys, err, words):
+    from rwkv_lib import cli
+
+    def main(argv):
+        raise err
+
+    assert cli.run(main, []) == 1
+    out = capsys.readouterr().err
+    assert out.count("\n") == 1 and out.startswith("error: ") and words in out
+
+
+def test_a_bug_keeps_its_traceback_and_ctrl_c_is_quiet(capsys, monkeypatch):
+    from rwkv_lib import cli
+
+    def buggy(argv):
+        raise TypeError("a bug, not a user's mistake")
+
+    with pytest.raises(TypeError):
+        cli.run(buggy, [])
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    assert cli.run(interrupted, []) == 130 and "interrupted" in capsys.readouterr().err
+    monkeypatch.setenv("RWKV_TRACEBACK", "1")
+    with pytest.raises(ValueError):
+        cli.run(lambda argv: int("x"), [])
+    assert cli.run(lambda argv: None, []) == 0 and cli.run(lambda argv: 3, []) == 3
