@@ -323,14 +323,20 @@ def test_stop_after_zero_is_refused(corpus, tmp_path, capsys):
 
 # --- fine-tuning weights imported from RWKV-LM ---------------------------------------------
 
-def test_fine_tuning_an_imported_checkpoint(corpus, tmp_path, capsys):
-    from rwkv_lib import checkpoint as ckpt_mod
+def _rwkv_lm_state(vocab_size: int) -> dict:
+    """A state dict as RWKV-LM saves one: the same names, no rwkv_lib wrapping."""
     from rwkv_lib.model import RWKV, RWKVConfig
 
-    vocab_size = len(set(open(corpus, "rb").read()))
+    return RWKV(RWKVConfig(vocab_size=vocab_size, n_layer=1, n_embd=16)).state_dict()
+
+
+def test_fine_tuning_an_imported_checkpoint(corpus, tmp_path):
+    from pathlib import Path
+
+    from rwkv_lib import checkpoint as ckpt_mod
+
     torch.manual_seed(3)
-    lm = RWKV(RWKVConfig(vocab_size=vocab_size, n_layer=1, n_embd=16))
-    torch.save(lm.state_dict(), tmp_path / "rwkv-lm.pth")
+    torch.save(_rwkv_lm_state(len(set(Path(corpus).read_bytes()))), tmp_path / "rwkv-lm.pth")
     assert ckpt_mod.main(["import", str(tmp_path / "rwkv-lm.pth"), str(tmp_path / "imported.pt"),
                           "--corpus", corpus]) == 0
     run = tmp_path / "fine"
@@ -358,7 +364,7 @@ def test_init_from_starts_at_the_imported_weights(corpus, tmp_path):
 
     vocab = ByteVocab(range(256))  # a model that knows every byte fine-tunes on any corpus
     torch.manual_seed(5)
-    model = import_rwkv_lm(RWKV_state(vocab.size))
+    model = import_rwkv_lm(_rwkv_lm_state(vocab.size))
     save_checkpoint(tmp_path / "start.pt", model=model, optimizer=None, step=0,
                     train_config={"corpus": None, "n_layer": 1, "n_embd": 16}, vocab=vocab)
     config = tiny(corpus, tmp_path / "run", max_steps=1, eval_iters=1)
@@ -372,12 +378,6 @@ def test_init_from_starts_at_the_imported_weights(corpus, tmp_path):
     with pytest.raises(CheckpointError, match="n_embd: checkpoint 16, config 32"):
         train(tiny(corpus, tmp_path / "other", n_embd=32), init_from=tmp_path / "start.pt")
     assert not (tmp_path / "other").exists()
-
-
-def RWKV_state(vocab_size: int) -> dict:
-    from rwkv_lib.model import RWKV, RWKVConfig
-
-    return RWKV(RWKVConfig(vocab_size=vocab_size, n_layer=1, n_embd=16)).state_dict()
 
 
 # --- configuration checks ----------------------------------------------------------------------
