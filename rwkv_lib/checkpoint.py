@@ -12,21 +12,28 @@ loads with `torch.load(..., weights_only=True)`: opening a file never runs code 
     rng_state            torch CPU (and CUDA) generator states
     metrics              the loss history so far
 
-Writing is atomic: the file is written next to its destination, flushed to disk, then
-renamed over it, so a crash mid-write leaves the previous checkpoint as it was.
+Writing is atomic (rwkv_lib.atomic): the file is written next to its destination, flushed
+to disk, renamed over it, and the folder flushed, so neither a crash nor a power loss
+mid-write harms the previous checkpoint.
+
+The WKV backend is a choice of the machine that runs the model, not part of the model:
+load_model takes it as an argument (default "auto") whatever the checkpoint was trained with.
 
     python -m rwkv_lib.checkpoint export runs/ci/ckpt.pt rwkv-lm.pth
     python -m rwkv_lib.checkpoint import rwkv-lm.pth imported.pt --corpus enwik8
+    python -m rwkv_lib.train --init-from imported.pt --out-dir runs/fine-tune   # fine-tune it
+
+Neither command replaces an existing file unless given --force, and never its own input.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import errno
 import os
 import pickle
 import re
-import tempfile
+import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,13 +42,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import cli
+from .atomic import remove_stale_temps, write_atomically
 from .data import ByteVocab, load_corpus
 from .model import RWKV, RWKVConfig, state_dict_names
+from .wkv import BACKENDS
 
 FORMAT = "rwkv_lib.checkpoint"
 VERSION = 1
 # The fields that decide the shapes of the weights; resuming with others cannot work.
 MODEL_FIELDS = ("n_layer", "n_embd")
+REQUIRED = ("step", "model", "model_config", "train_config", "vocab")
+OPTIONAL = {"optimizer": None, "data_position": 0, "rng_state": None, "metrics": {}}
 
 
 class CheckpointError(ValueError):
@@ -85,17 +97,7 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 def _atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(
@@ -124,27 +126,37 @@ def save_checkpoint(
 
 def _torch_load(path: Path, map_location: Any) -> Any:
     """torch.load with weights_only=True, its many exceptions turned into one clear one."""
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "a folder, not a checkpoint", str(path))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols say nothing here
+            return torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError,
             zipfile.BadZipFile) as err:
-        with open(path, "rb") as f:
-            starts_like_zip = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
-        said = str(err)
-        if not starts_like_zip:
-            problem = "not a torch.save zip archive (is it a checkpoint at all?)"
-        elif "Weights only load failed" in said:
-            problem = ("it holds Python objects that safe loading (weights_only=True) refuses "
-                       "to unpickle; it was not written by save_checkpoint, and only a file "
-                       "you trust should be opened with torch.load(weights_only=False)")
-            # torch's message runs to a page; its one line naming the refused object is enough
-            said = next((ln.strip() for ln in said.splitlines() if "Unsupported" in ln),
-                        said.splitlines()[0])
-        else:
-            problem = "truncated or corrupted (a copy cut short?)"
-        raise CheckpointError(f"{path}: {problem}; torch.load said: {said}") from err
+        raise CheckpointError(f"{path}: {_load_problem(path, str(err))}") from err
+
+
+def _load_problem(path: Path, said: str) -> str:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    zip_archive = head == b"PK\x03\x04"  # what torch.save writes
+    pickle_stream = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    if "weights only load failed" in said.lower() and (zip_archive or pickle_stream):
+        # torch's message runs to a page of ways to load the file anyway; the one fact worth
+        # passing on is which object it refused
+        refused = re.search(r"unsupported global:\s*(?:GLOBAL\s+)?([\w.]+)", said, re.I)
+        named = f" (unsupported global {refused.group(1)})" if refused else ""
+        return (f"it holds Python objects that safe loading (weights_only=True) refuses to "
+                f"unpickle{named}. rwkv_lib's checkpoints hold only tensors and plain values, "
+                "so save_checkpoint did not write this file, and loading it any other way "
+                "could run code hidden in it")
+    if not zip_archive:
+        return "not a torch.save zip archive (is it a checkpoint at all?)"
+    first = said.strip().splitlines()[0] if said.strip() else "no reason given"
+    return f"truncated or corrupted (a copy cut short?); torch.load said: {first}"
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
@@ -154,12 +166,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         hint = ""
         if isinstance(ckpt, dict) and "emb.weight" in ckpt:
-            hint = "; it looks like an RWKV-LM state dict: use import_rwkv_lm"
+            hint = ("; it looks like an RWKV-LM state dict: convert it with `python -m "
+                    "rwkv_lib.checkpoint import FILE OUT --corpus CORPUS` (import_rwkv_lm)")
         raise CheckpointError(f"{path}: a torch file, but not an rwkv_lib checkpoint "
                               f"(no format tag {FORMAT!r}){hint}")
-    if ckpt.get("version", 0) > VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {ckpt['version']} is newer "
-                              f"than this rwkv_lib understands ({VERSION}); update rwkv_lib")
+    if not isinstance(ckpt.get("version"), int) or ckpt["version"] > VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {ckpt.get('version')!r} is "
+                              f"not one this rwkv_lib understands ({VERSION} or older); update "
+                              "rwkv_lib")
+    missing = [key for key in REQUIRED if key not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: an rwkv_lib checkpoint, but it is missing {missing}: "
+                              "damaged, or not written by save_checkpoint")
+    for key, default in OPTIONAL.items():
+        ckpt.setdefault(key, default)
     return ckpt
 
 
@@ -179,20 +199,40 @@ def check_compatible(ckpt: Mapping[str, Any], config: Any, vocab: ByteVocab | No
 
 
 def load_model(
-    path: str | os.PathLike, device: torch.device | str = "cpu",
+    path: str | os.PathLike, device: torch.device | str = "cpu", wkv_backend: str = "auto",
 ) -> tuple[RWKV, ByteVocab, dict]:
-    """The trained model (in eval mode, on `device`), its vocabulary and its train config."""
+    """The trained model (in eval mode, on `device`), its vocabulary and its train config.
+    The model computes WKV with `wkv_backend` (see rwkv_lib.wkv), whichever backend it was
+    trained with: a model trained on a GPU with "cuda" runs on a CPU too."""
+    if wkv_backend not in BACKENDS:
+        raise ValueError(f"wkv_backend must be one of {BACKENDS}, got {wkv_backend!r}")
     ckpt = load_checkpoint(path)
-    model = RWKV(RWKVConfig(**ckpt["model_config"]))
+    model = RWKV(RWKVConfig(**{**ckpt["model_config"], "wkv_backend": wkv_backend}))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ByteVocab.from_dict(ckpt["vocab"]), ckpt["train_config"]
 
 
 # --- RWKV-LM's format: a bare state dict with the same parameter names ---
 
-def export_rwkv_lm(ckpt_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file (through links, `..` or another spelling)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def export_rwkv_lm(ckpt_path: str | os.PathLike, out_path: str | os.PathLike, *,
+                   overwrite: bool = False) -> Path:
     """Write the weights as RWKV-LM stores them: a plain {name: float tensor} dict, raw
-    time_decay (before -exp). Our names are RWKV-LM's, so nothing is renamed."""
+    time_decay (before -exp). Our names are RWKV-LM's, so nothing is renamed. An existing
+    `out_path` is replaced only with `overwrite`, and never when it is the checkpoint itself
+    (that would turn a training checkpoint into bare weights)."""
+    if same_file(ckpt_path, out_path):
+        raise ValueError(f"{out_path} is the input file {ckpt_path}: exporting there would "
+                         "replace the checkpoint with bare weights; choose another output")
+    if Path(out_path).exists() and not overwrite:
+        raise FileExistsError(f"{out_path} exists; pass overwrite=True to replace it")
     ckpt = load_checkpoint(ckpt_path)
     state = {k: v.float().contiguous() for k, v in ckpt["model"].items()}
     return _atomic_torch_save(state, out_path)
@@ -220,6 +260,9 @@ def import_rwkv_lm(
         if not isinstance(state, dict):
             raise CheckpointError(f"{state_dict_or_path}: expected a state dict, "
                                   f"got {type(state).__name__}")
+        if state.get("format") == FORMAT:
+            raise CheckpointError(f"{state_dict_or_path} is already an rwkv_lib checkpoint: "
+                                  "use it as it is (evaluate, generate, train --init-from)")
     else:
         state = dict(state_dict_or_path)
     config = _infer_config(state)
@@ -236,28 +279,53 @@ def import_rwkv_lm(
     return model.eval()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+def _check_output(source: Path, out: Path, force: bool) -> None:
+    """Refuse, before any work, to write where the result would destroy something."""
+    if same_file(source, out):
+        raise ValueError(f"{out} is the input file {source}: writing there would replace it; "
+                         "choose another output path")
+    if out.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "a folder, not a file", str(out))
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists: pass --force to replace it, or choose another "
+                              "output path")
+    if not out.parent.is_dir():
+        if out.parent.exists():
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(out.parent))
+        raise FileNotFoundError(f"the folder {out.parent} does not exist; create it first or "
+                                "choose another output path")
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    parser = cli.ArgumentParser(
         prog="python -m rwkv_lib.checkpoint",
         description="Move weights between rwkv_lib checkpoints and RWKV-LM's plain state "
-                    "dicts (the parameter names are the same).")
+                    "dicts (the parameter names are the same). Neither command replaces an "
+                    "existing file without --force, nor ever its own input.")
     sub = parser.add_subparsers(dest="command", required=True)
     exp = sub.add_parser("export", help="rwkv_lib checkpoint -> RWKV-LM .pth")
     exp.add_argument("checkpoint")
     exp.add_argument("out")
-    imp = sub.add_parser("import", help="RWKV-LM .pth -> rwkv_lib checkpoint")
+    exp.add_argument("--force", action="store_true", help="replace an existing output file")
+    imp = sub.add_parser("import", help="RWKV-LM .pth -> rwkv_lib checkpoint (fine-tune it "
+                                        "with python -m rwkv_lib.train --init-from OUT)")
     imp.add_argument("rwkv_lm_pth")
     imp.add_argument("out")
     imp.add_argument("--corpus", default=None,
                      help="corpus whose byte vocabulary the weights were trained with "
                           "(needed unless the model has all 256 byte values)")
     imp.add_argument("--data-dir", default=None)
+    imp.add_argument("--force", action="store_true", help="replace an existing output file")
     args = parser.parse_args(argv)
+    out = Path(args.out)
 
     if args.command == "export":
-        out = export_rwkv_lm(args.checkpoint, args.out)
+        _check_output(Path(args.checkpoint), out, args.force)
+        remove_stale_temps(out.parent, [out.name])
+        export_rwkv_lm(args.checkpoint, out, overwrite=args.force)
         print(f"wrote {out}")
         return 0
+    _check_output(Path(args.rwkv_lm_pth), out, args.force)
     if args.corpus is not None:
         vocab = ByteVocab.from_data(load_corpus(args.corpus, data_dir=args.data_dir))
     else:
@@ -265,15 +333,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         model = import_rwkv_lm(args.rwkv_lm_pth, vocab=vocab)
     except CheckpointError as err:
-        hint = "" if args.corpus else "; pass --corpus to name the corpus it was trained on"
-        parser.error(f"{err}{hint}")
+        if args.corpus or "vocabulary" not in str(err):
+            raise
+        raise CheckpointError(f"{err}; pass --corpus to name the corpus it was trained on") \
+            from err
     c = model.config
     train_config = {"corpus": args.corpus, "n_layer": c.n_layer, "n_embd": c.n_embd,
                     "ctx_len": c.ctx_len, "imported_from": str(args.rwkv_lm_pth)}
-    out = save_checkpoint(args.out, model=model, optimizer=None, step=0,
-                          train_config=train_config, vocab=vocab)
+    remove_stale_temps(out.parent, [out.name])
+    save_checkpoint(out, model=model, optimizer=None, step=0, train_config=train_config,
+                    vocab=vocab)
     print(f"wrote {out} (L{c.n_layer} C{c.n_embd} V{c.vocab_size})")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status (a mistake is one line on stderr)."""
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

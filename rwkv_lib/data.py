@@ -16,11 +16,8 @@ Command line: `python -m rwkv_lib.data download` and `python -m rwkv_lib.data in
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
-import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from rwkv_lib import cli
+from rwkv_lib.atomic import make_folder, remove_stale_temps, write_bytes_atomically
 from rwkv_lib.download import ENWIK8_MD5, ENWIK8_SIZE, ENWIK8_URL, download_enwik8
 from rwkv_lib.sample_corpus import SAMPLE_SHA256, SAMPLE_SIZE, generate_sample_corpus
 
@@ -143,21 +142,6 @@ class ByteVocab:
         return cls(d["byte_values"])
 
 
-def _write_atomically(path: Path, payload: bytes) -> None:
-    # A crash mid-write leaves a stray temp file, never a truncated `path`.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; a corpus is ordinary data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _sample_is_current(path: Path) -> bool:
     if not path.is_file() or path.stat().st_size != SAMPLE_SIZE:
         return False
@@ -169,7 +153,8 @@ def resolve_corpus(corpus: str | os.PathLike[str], data_dir: str | os.PathLike[s
     """The file behind a corpus name or path.
 
     "enwik8" and "sample" name files in `data_dir` (default DATA_DIR); the sample is
-    generated there on first use. Anything else (including a Path) is a file path.
+    generated there on first use (the folder is created if its parent exists). Anything
+    else (including a Path) is a file path.
     """
     folder = Path(data_dir) if data_dir is not None else DATA_DIR
     if corpus == "enwik8":
@@ -188,10 +173,11 @@ def resolve_corpus(corpus: str | os.PathLike[str], data_dir: str | os.PathLike[s
             )
         return path
     if corpus == "sample":
+        make_folder(folder, "data folder")
+        remove_stale_temps(folder, [SAMPLE_FILE])  # left by an interrupted generation
         path = folder / SAMPLE_FILE
         if not _sample_is_current(path):  # absent, or from another version: (re)generate
-            folder.mkdir(parents=True, exist_ok=True)
-            _write_atomically(path, generate_sample_corpus())
+            write_bytes_atomically(path, generate_sample_corpus(), mode=0o644)
         return path
     path = Path(corpus).expanduser()
     if not path.exists():
@@ -310,9 +296,9 @@ def _info(corpus: str, data_dir: str | None) -> None:
         offset += len(part)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rwkv_lib.data",
-                                     description="Get enwik8, or describe a corpus.")
+def _main(argv: Sequence[str] | None) -> int:
+    parser = cli.ArgumentParser(prog="python -m rwkv_lib.data",
+                                description="Get enwik8, or describe a corpus.")
     commands = parser.add_subparsers(dest="command", required=True)
     download = commands.add_parser("download", help="download and verify enwik8")
     download.add_argument("--dest", default=None, help=f"target folder (default {DATA_DIR})")
@@ -321,16 +307,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     info.add_argument("corpus", help="enwik8, sample, or the path of a file")
     info.add_argument("--data-dir", default=None, help=f"default {DATA_DIR}")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "download":
-            path = download_enwik8(args.dest, progress=not args.no_progress)
-            print(f"enwik8 is ready: {path}")
-        else:
-            _info(args.corpus, args.data_dir)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.command == "download":
+        dest = DATA_DIR if args.dest is None else Path(args.dest)
+        path = download_enwik8(dest, progress=not args.no_progress)
+        print(f"enwik8 is ready: {path}")
+    else:
+        _info(args.corpus, args.data_dir)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status (a mistake is one line on stderr)."""
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

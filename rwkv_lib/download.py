@@ -3,7 +3,11 @@
 The zip is fetched into `enwik8.zip.part`; an interrupted download resumes from where it
 stopped (HTTP Range request). The unzipped bytes are checked against the known size, md5
 and sha256 before they are moved into place, so a damaged download never sits where
-`rwkv_lib.data` looks for enwik8.
+`rwkv_lib.data` looks for enwik8. An archive is never trusted with the disk: a member that
+declares another size than enwik8's is refused before anything is unpacked, and unpacking
+stops at enwik8's size whatever the archive claims (a "zip bomb" cannot fill the disk).
+
+This module knows nothing of rwkv_lib.data (which imports it): the caller names the folder.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from tqdm import tqdm
+
+from rwkv_lib.atomic import fsync_folder, make_folder, remove_stale_temps
 
 ENWIK8_URL = "https://mattmahoney.net/dc/enwik8.zip"
 ENWIK8_SIZE = 100_000_000
@@ -106,26 +112,42 @@ def _fetch(url: str, part: Path, timeout: float, progress: bool) -> None:
 
 
 def _extract(part: Path, member: str, dest: Path, size: int, md5: str, sha256: str) -> Path:
-    """Unzip `member` of `part` to a temp file in `dest`, hashing as it goes; verify it."""
+    """Unzip `member` of `part` to a temp file in `dest`, hashing as it goes; verify it.
+
+    At most size + 1 bytes are ever unpacked: one more than enough to know it is too many.
+    The CRC of the member is checked by zipfile as the last byte is read."""
     try:
         with zipfile.ZipFile(part) as archive:
-            damaged = archive.testzip()  # reads every member and checks its CRC
-            if damaged is not None:
-                raise zipfile.BadZipFile(f"member {damaged!r} fails its CRC check")
-            if member not in archive.namelist():
-                raise zipfile.BadZipFile(f"no member {member!r} in {archive.namelist()}")
+            try:
+                info = archive.getinfo(member)
+            except KeyError:
+                raise zipfile.BadZipFile(f"no member {member!r} in {archive.namelist()}") \
+                    from None
+            if info.file_size != size:
+                part.unlink(missing_ok=True)
+                raise ValueError(
+                    f"the downloaded archive's {member!r} declares {info.file_size:,} bytes, "
+                    f"expected {size:,} bytes: it is not the expected file. Nothing was "
+                    "unpacked; the download was deleted, run it again.")
             fd, tmp_name = tempfile.mkstemp(dir=dest, prefix=f".{member}.", suffix=".tmp")
             tmp = Path(tmp_name)
             digests, got_size = (hashlib.md5(), hashlib.sha256()), 0
             try:
-                with archive.open(member) as src, os.fdopen(fd, "wb") as out:
-                    while chunk := src.read(_CHUNK):
-                        out.write(chunk)
+                with archive.open(info) as src, os.fdopen(fd, "wb") as out:
+                    while chunk := src.read(min(_CHUNK, size + 1 - got_size)):
                         got_size += len(chunk)
+                        if got_size > size:
+                            raise ValueError(f"the downloaded archive's {member!r} unpacks to "
+                                             f"more than the expected {size:,} bytes")
+                        out.write(chunk)
                         for d in digests:
                             d.update(chunk)
-            except BaseException:
+            except BaseException as e:
                 tmp.unlink(missing_ok=True)
+                if isinstance(e, ValueError):
+                    part.unlink(missing_ok=True)
+                    raise ValueError(f"{e}: it is not the expected file. The download was "
+                                     "deleted; run it again.") from None
                 raise
     except zipfile.BadZipFile as e:
         part.unlink(missing_ok=True)
@@ -144,7 +166,7 @@ def _extract(part: Path, member: str, dest: Path, size: int, md5: str, sha256: s
 
 
 def download_enwik8(
-    dest_dir: str | os.PathLike[str] | None = None,
+    dest_dir: str | os.PathLike[str],
     url: str = ENWIK8_URL,
     member: str = "enwik8",
     size: int = ENWIK8_SIZE,
@@ -157,15 +179,12 @@ def download_enwik8(
 
     An existing good file is returned without touching the network. Otherwise the zip is
     downloaded (resuming a previous partial download), checked, unzipped and verified.
+    `dest_dir` is created if its parent exists (rwkv_lib.data.DATA_DIR is the usual one).
     Raises DownloadError (a ConnectionError) when the server cannot be reached, and
     ValueError when what arrived is damaged (the bad download is deleted).
     """
-    if dest_dir is None:
-        from rwkv_lib.data import DATA_DIR  # imported here: data imports this module
-
-        dest_dir = DATA_DIR
-    dest = Path(dest_dir)
-    dest.mkdir(parents=True, exist_ok=True)
+    dest = make_folder(dest_dir, "download folder")
+    remove_stale_temps(dest, [member])  # left by an interrupted unzip
     target = dest / member
     if target.is_file():
         try:
@@ -188,6 +207,7 @@ def download_enwik8(
     tmp = _extract(part, member, dest, size, md5, sha256)
     os.chmod(tmp, 0o644)  # mkstemp makes files private; the corpus is ordinary data
     os.replace(tmp, target)
+    fsync_folder(dest)
     part.unlink(missing_ok=True)
     return target
 

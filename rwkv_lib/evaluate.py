@@ -15,12 +15,13 @@ length, only on how the split is cut into streams:
 bits per byte = (sum of cross-entropy over the predicted bytes, in nats) / count / ln 2
 
     python -m rwkv_lib.evaluate runs/enwik8/ckpt.pt --split test
+    python -m rwkv_lib.evaluate runs/enwik8/ckpt.pt --device cpu   # a GPU's model, on a CPU
 """
 
 from __future__ import annotations
 
-import argparse
 import math
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import cli
 from .model import RWKV
+from .wkv import BACKENDS
 
 
 @torch.no_grad()
@@ -73,7 +76,7 @@ def evaluate_bpb(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m rwkv_lib.evaluate",
         description="Bits per byte of a checkpoint on a whole split, read in order with the "
         "RNN state carried from chunk to chunk. On enwik8's test split (the last 5 MB) this "
@@ -84,29 +87,39 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="enwik8, sample or a file (default: the checkpoint's own corpus)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
-    parser.add_argument("--max-bytes", type=int, default=None,
+    parser.add_argument("--max-bytes", type=cli.positive_int, default=None,
                         help="evaluate only the first N bytes of the split (a quick estimate)")
-    parser.add_argument("--chunk-len", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=1,
+    parser.add_argument("--chunk-len", type=cli.positive_int, default=1024)
+    parser.add_argument("--batch-size", type=cli.positive_int, default=1,
                         help="number of contiguous streams read in parallel")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--device", type=cli.device_name, default="auto", help=cli.DEVICES)
+    parser.add_argument("--wkv-backend", choices=BACKENDS, default="auto",
+                        help="how to compute WKV here, whatever the checkpoint was trained "
+                             "with (see rwkv_lib.wkv)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
     from .checkpoint import load_model
     from .data import load_corpus, split_corpus
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, vocab, train_config = load_model(args.checkpoint, device=device)
+    device = cli.resolve_device(args.device)
+    cli.check_backend_device(args.wkv_backend, device)
+    model, vocab, train_config = load_model(args.checkpoint, device=device,
+                                            wkv_backend=args.wkv_backend)
     corpus = args.corpus or train_config.get("corpus")
     if corpus is None:
         parser.error("the checkpoint does not name its corpus; pass --corpus")
     data = split_corpus(load_corpus(corpus, data_dir=args.data_dir))[args.split]
     if args.max_bytes is not None:
         data = data[: args.max_bytes]
-    result = evaluate_bpb(model, vocab.encode(data), chunk_len=args.chunk_len,
+    try:
+        tokens = vocab.encode(data)
+    except ValueError as err:
+        first = str(err).split(". ")[0]
+        raise ValueError(f"the {args.split} split of {corpus} does not fit the checkpoint's "
+                         f"vocabulary: {first}. Evaluate on the corpus the model was trained "
+                         "on (--corpus)") from err
+    result = evaluate_bpb(model, tokens, chunk_len=args.chunk_len,
                           batch_size=args.batch_size, progress=not args.no_progress)
     print(f"{corpus} {args.split}: {result['bpb']:.4f} bits per byte "
           f"({result['predicted']:,} bytes predicted in {result['streams']} stream(s))")
@@ -114,4 +127,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli.run(main, sys.argv[1:]))

@@ -9,7 +9,6 @@ however long the text already is.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -133,18 +132,37 @@ def generate_text(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Generate text from a trained checkpoint.")
+    from . import cli
+    from .checkpoint import load_model  # the checkpoint format lives with training
+    from .wkv import BACKENDS
+
+    parser = cli.ArgumentParser(prog="python -m rwkv_lib.generate",
+                                description="Generate text from a trained checkpoint.")
     parser.add_argument("checkpoint", help="a checkpoint written by python -m rwkv_lib.train")
     parser.add_argument("--prompt", default="<page>\n  <title>", help="text to continue")
-    parser.add_argument("--tokens", type=int, default=300, help="number of bytes to generate")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
-    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--tokens", type=cli.non_negative_int, default=300,
+                        help="number of bytes to generate")
+    parser.add_argument("--temperature", type=cli.non_negative_float, default=1.0,
+                        help="0 means greedy")
+    parser.add_argument("--top-p", type=cli.probability, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=cli.device_name, default="cpu", help=cli.DEVICES)
+    parser.add_argument("--wkv-backend", choices=BACKENDS, default="auto",
+                        help="how to compute WKV here, whatever the checkpoint was trained "
+                             "with (see rwkv_lib.wkv)")
     args = parser.parse_args(argv)
-    from .checkpoint import load_model  # the checkpoint format lives with training
+    if not args.prompt:
+        raise ValueError("the prompt is empty; give at least one character with --prompt")
+    device = cli.resolve_device(args.device)
+    cli.check_backend_device(args.wkv_backend, device)
 
-    model, vocab, _ = load_model(args.checkpoint, device=args.device)
+    model, vocab, _ = load_model(args.checkpoint, device=device, wkv_backend=args.wkv_backend)
+    try:
+        vocab.encode(args.prompt)
+    except ValueError as err:
+        first = str(err).split(". ")[0]
+        raise ValueError(f"the model cannot read the prompt: {first}; use only characters of "
+                         "the corpus it was trained on") from err
     text = generate_text(model, vocab, args.prompt, args.tokens, args.temperature,
                          args.top_p, args.seed)
     sys.stdout.write(args.prompt + text + "\n")
@@ -152,4 +170,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .cli import run
+
+    raise SystemExit(run(main, sys.argv[1:]))

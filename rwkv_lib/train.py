@@ -3,6 +3,7 @@
     python -m rwkv_lib.train --preset ci --out-dir runs/ci            # seconds on 2 CPU cores
     python -m rwkv_lib.train --preset enwik8 --out-dir runs/enwik8    # the RWKV-4 recipe, GPU
     python -m rwkv_lib.train --out-dir runs/enwik8 --resume           # continue where it stopped
+    python -m rwkv_lib.train --init-from imported.pt --out-dir runs/ft  # fine-tune given weights
 
 Every TrainConfig field can be overridden on the command line (`--lr_init 1e-3`,
 `--grad_clip none`, `--betas 0.9 0.99`). The run directory receives config.json,
@@ -18,6 +19,15 @@ Choices worth knowing:
   seed), so curves of different runs compare directly. The number to compare with
   published results comes from rwkv_lib.evaluate, which reads the whole test split.
 - The loss is cross-entropy through L2Wrap (rwkv_lib.l2wrap); bits per byte = loss / ln 2.
+- --resume continues a run: its weights, Adam's moments, step, data position, random state
+  and loss history. --init-from starts a new run (step 0, fresh optimizer and schedule) from
+  the weights of any checkpoint, such as one made by `python -m rwkv_lib.checkpoint import`
+  from RWKV-LM's weights; n_layer and n_embd then default to the checkpoint's, and its
+  vocabulary is kept if it covers every byte of the corpus.
+- A good checkpoint is never replaced by a worse one: a checkpoint is written only when the
+  weights are finite and give a finite loss on a validation batch; a run whose loss or
+  weights turn nan or inf stops and names the last good checkpoint, which it kept. Every
+  file is written atomically (rwkv_lib.atomic); leftovers of interrupted writes are removed.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import sys
@@ -40,7 +51,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import distributed
+from . import cli, distributed
+from .atomic import remove_stale_temps, write_atomically, write_text_atomically
 from .checkpoint import (
     CheckpointError,
     check_compatible,
@@ -48,6 +60,7 @@ from .checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from .cli import resolve_device
 from .data import ByteVocab, WindowDataset, load_corpus, split_corpus, unigram_entropy_bits
 from .l2wrap import l2wrap
 from .model import RWKV, RWKVConfig
@@ -56,8 +69,10 @@ from .wkv import BACKENDS
 # The string fields that take one of a few values (the command line offers them as choices).
 CHOICES = {"lr_schedule": ("constant", "exp"), "dtype": ("float32", "bf16"),
            "wkv_backend": BACKENDS, "dist_backend": distributed.BACKENDS}
+FLOAT32_MAX = torch.finfo(torch.float32).max
 EVAL_SEED = 1234  # validation windows are the same whatever the training seed
 CHECKPOINT_NAME = "ckpt.pt"
+RUN_FILES = (CHECKPOINT_NAME, "config.json", "metrics.json", "loss.png")  # what a run writes
 
 
 @dataclass
@@ -81,10 +96,10 @@ class TrainConfig:
     lr_schedule: str = "exp"  # "constant" (lr_init throughout) or "exp" (lr_init -> lr_final)
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = 1e-8
-    weight_decay: float = 0.0  # decoupled (AdamW), on weight matrices only
+    weight_decay: float = 0.0  # decoupled (AdamW), on the Linear layers' weights only
     grad_clip: float | None = 1.0  # max global gradient norm; None for no clipping
     dtype: str = "float32"  # "float32" or "bf16" (bfloat16 autocast, on CUDA only)
-    device: str = "auto"  # "auto" (CUDA if available), "cpu" or "cuda"
+    device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda", "cuda:N" or "mps"
     seed: int = 0
     # evaluation, logging, checkpoints (all in optimizer steps)
     eval_interval: int = 50
@@ -139,16 +154,27 @@ def check_config(config: TrainConfig) -> None:
                  "log_interval"):
         if getattr(config, name) < 1:
             problems.append(f"{name} must be >= 1, got {getattr(config, name)}")
-    for name in ("max_steps", "warmup_steps", "checkpoint_interval", "num_workers"):
+    for name in ("max_steps", "warmup_steps", "checkpoint_interval", "num_workers", "seed"):
         if getattr(config, name) < 0:
             problems.append(f"{name} must be >= 0, got {getattr(config, name)}")
-    if not (config.lr_init > 0 and config.lr_final > 0):
-        problems.append(f"lr_init and lr_final must be > 0, got {config.lr_init}, "
-                        f"{config.lr_final}")
+    for name in ("lr_init", "lr_final", "eps"):
+        value = getattr(config, name)
+        if not (math.isfinite(value) and 0 < value <= FLOAT32_MAX):
+            problems.append(f"{name} must be a finite number > 0 (at most float32's "
+                            f"{FLOAT32_MAX:.3g}), got {value}")
+    if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
+        problems.append(f"weight_decay must be a finite number >= 0, got {config.weight_decay}")
+    if config.grad_clip is not None and not (math.isfinite(config.grad_clip)
+                                             and config.grad_clip > 0):
+        problems.append(f"grad_clip must be > 0 or None, got {config.grad_clip} (a finite "
+                        "number, or none for no clipping)")
+    if len(config.betas) != 2 or not all(0 <= b < 1 for b in config.betas):
+        problems.append(f"betas must be two numbers in [0, 1), got {config.betas}")
+    device_problem = cli.device_problem(config.device)
+    if device_problem:
+        problems.append(f"device {device_problem}")
     if config.compile not in (True, False, "auto"):
         problems.append(f"compile must be true, false or auto, got {config.compile!r}")
-    if config.grad_clip is not None and config.grad_clip <= 0:
-        problems.append(f"grad_clip must be > 0 or None, got {config.grad_clip}")
     if problems:
         raise ValueError("invalid TrainConfig: " + "; ".join(problems))
 
@@ -170,15 +196,21 @@ def will_compile(config: TrainConfig, device: torch.device) -> bool:
 
 
 def config_from_dict(values: dict) -> TrainConfig:
-    """The inverse of dataclasses.asdict, also for JSON (lists back to tuples)."""
+    """The inverse of dataclasses.asdict, also for JSON (lists back to tuples). Fields that
+    are missing take their defaults; unknown ones are an error."""
     hints = typing.get_type_hints(TrainConfig)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ValueError(f"unknown TrainConfig fields {unknown} (written by another version "
+                         "of rwkv_lib?)")
     fixed = {k: tuple(v) if typing.get_origin(hints[k]) is tuple else v
              for k, v in values.items()}
     return TrainConfig(**fixed)
 
 
 class TrainingDiverged(FloatingPointError):
-    """The loss became inf or nan; the run stopped before the weights were touched."""
+    """The loss or the weights became inf or nan; the run stopped, and the last good
+    checkpoint (named in the message) was kept."""
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -195,14 +227,6 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return config.lr_init * (config.lr_final / config.lr_init) ** progress
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU")
-    return torch.device(name)
-
-
 def _autocast(config: TrainConfig, device: torch.device):
     if config.dtype == "bf16" and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -211,9 +235,14 @@ def _autocast(config: TrainConfig, device: torch.device):
 
 def make_optimizer(model: RWKV, config: TrainConfig) -> torch.optim.Optimizer:
     """Adam. AdamW with weight_decay 0 is exactly Adam; a nonzero decay is decoupled and
-    applied to weight matrices only, never to LayerNorms, mixes or decays."""
-    matrices = [p for p in model.parameters() if p.dim() >= 2]
-    others = [p for p in model.parameters() if p.dim() < 2]
+    applied, by role, to the weight matrices of the Linear layers only: key, value,
+    receptance and output of time mixing, key, receptance and value of channel mixing, and
+    the head. Not to the embedding: its rows would shrink at every step, also those of bytes
+    the batch does not contain. Nor to LayerNorms, time_mix_* (stored as (1, 1, C), yet
+    per-channel mixing weights), time_decay or time_first: gains and rates, not connections."""
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    matrices = [p for p in model.parameters() if id(p) in linear]
+    others = [p for p in model.parameters() if id(p) not in linear]
     groups = [{"params": matrices, "weight_decay": config.weight_decay},
               {"params": others, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=config.lr_init, betas=config.betas, eps=config.eps)
@@ -252,8 +281,7 @@ def save_loss_plot(metrics: dict, path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    return Path(path)
+    return write_atomically(path, lambda f: fig.savefig(f, format="png"), mode=0o644)
 
 
 @contextlib.contextmanager
@@ -278,10 +306,69 @@ def _deterministic_when_compiled(config: TrainConfig):
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
-def train(config: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
+def _check_out_dir(out_dir: Path) -> None:
+    """Fail now, not after the data is loaded, when out_dir cannot be a folder."""
+    for folder in (out_dir, *out_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder, so out_dir cannot be "
+                                         "made there", str(folder))
+            return
+
+
+def load_resumable(ckpt_path: Path) -> dict:
+    """The checkpoint of a run to continue; imported weights have no run to continue."""
+    if not ckpt_path.is_file() and not ckpt_path.is_dir():
+        raise FileNotFoundError(f"no checkpoint to resume: {ckpt_path} does not exist; start "
+                                "the run without --resume, or give the --out-dir of the run")
+    ckpt = load_checkpoint(ckpt_path)
+    if ckpt["optimizer"] is None:
+        raise CheckpointError(
+            f"{ckpt_path} holds weights without a training run to continue (no optimizer "
+            f"state: imported or hand-made); start a new run from them with --init-from "
+            f"{ckpt_path} and another --out-dir")
+    return ckpt
+
+
+def _vocab_for_init(init: dict, corpus_vocab: ByteVocab, config: TrainConfig) -> ByteVocab:
+    """Fine-tuning keeps the model's vocabulary, which must cover every byte of the corpus."""
+    vocab = ByteVocab.from_dict(init["vocab"])
+    missing = sorted(set(corpus_vocab.byte_values) - set(vocab.byte_values))
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint's vocabulary of {vocab.size} byte values lacks {len(missing)} "
+            f"that occur in {config.corpus} (byte {missing[0]} for one); fine-tune on a "
+            "corpus it can read, or import the weights with --corpus naming their own corpus")
+    return vocab
+
+
+def _splits(data, config: TrainConfig) -> dict:
+    try:
+        splits = split_corpus(data)
+    except ValueError as err:
+        raise ValueError(f"corpus {config.corpus} is too small: {err}") from err
+    for name, label in (("train", "training"), ("val", "validation")):
+        if len(splits[name]) < config.ctx_len + 1:
+            raise ValueError(
+                f"the {label} split of {config.corpus} has {len(splits[name]):,} bytes, too few "
+                f"for windows of ctx_len {config.ctx_len} (each needs {config.ctx_len + 1}); "
+                "use a smaller ctx_len (--ctx-len) or a larger corpus")
+    return splits
+
+
+def _nonfinite_weights(model: torch.nn.Module) -> list[str]:
+    return [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+
+
+def train(config: TrainConfig, resume: bool = False, stop_after: int | None = None,
+          init_from: str | Path | None = None) -> dict:
     """Train (or with `resume`, continue from out_dir/ckpt.pt) and return the final metrics
     and the paths written. `stop_after` ends this call after that many steps, with a
-    checkpoint, so a long run can be split over several calls.
+    checkpoint, so a long run can be split over several calls. `init_from` starts a new run
+    from the weights of that checkpoint (fine-tuning) instead of a fresh initialization.
+
+    When there are no steps to take (max_steps 0, or a checkpoint already at max_steps),
+    nothing is written, and the result says so: {"nothing_to_do": True, ...}.
 
     Started by torchrun, every process runs this with the same config and trains its share
     of each batch with DistributedDataParallel (see rwkv_lib.distributed); rank 0 writes."""
@@ -289,20 +376,48 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     with distributed.start(config.device, config.batch_size, config.dist_backend) as ctx, \
             _deterministic_when_compiled(config):
         try:
-            return _train(config, ctx, resume, stop_after)
+            return _train(config, ctx, resume, stop_after, init_from)
         except TrainingDiverged:
             ctx.barrier()  # all ranks stop at the same step, after rank 0 has written its files
             raise
 
 
 def _train(config: TrainConfig, ctx: distributed.Context, resume: bool,
-           stop_after: int | None) -> dict:
+           stop_after: int | None, init_from: str | Path | None) -> dict:
     t_start = time.perf_counter()
     check_config(config)
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"stop_after must be >= 1 (the steps to take in this call), got "
+                         f"{stop_after}")
+    if resume and init_from is not None:
+        raise ValueError("resume continues the run in out_dir, init_from starts a new run "
+                         "from a checkpoint's weights: pass one of them")
     out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / CHECKPOINT_NAME
+    _check_out_dir(out_dir)
     device = resolve_device(config.device) if ctx.device is None else ctx.device
+
+    # --- what to start from, checked before the data is read ---
+    ckpt, init, step = None, None, 0
+    if resume:
+        ckpt = load_resumable(ckpt_path)  # on CPU: RNG states must stay there
+        check_compatible(ckpt, config)
+        step = ckpt["step"]
+    end = config.max_steps if stop_after is None else min(config.max_steps, step + stop_after)
+    if end <= step:
+        if resume:
+            why = (f"the checkpoint {ckpt_path} is already at step {step} of max_steps "
+                   f"{config.max_steps}; give a larger max_steps to train further")
+        else:
+            why = "max_steps is 0"
+        print(f"nothing to do: {why}. Nothing was written.")
+        return {"nothing_to_do": True, "step": step, "out_dir": str(out_dir),
+                "checkpoint": str(ckpt_path) if resume else None,
+                "seconds": time.perf_counter() - t_start, "train_tokens_per_second": 0.0}
+    if init_from is not None:
+        init = load_checkpoint(init_from)
+        check_compatible(init, config)
+
     autocast = _autocast(config, device)
     if config.dtype == "bf16" and device.type != "cuda":
         print(f"note: bf16 autocast is used on CUDA only; training in float32 on {device}")
@@ -310,7 +425,11 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool,
     # --- data: the whole corpus for the vocabulary, the train split for windows ---
     data = load_corpus(config.corpus, data_dir=config.data_dir)
     vocab = ByteVocab.from_data(data)
-    splits = split_corpus(data)
+    if init is not None:
+        vocab = _vocab_for_init(init, vocab, config)
+    if ckpt is not None:
+        check_compatible(ckpt, config, vocab)
+    splits = _splits(data, config)
     train_set = WindowDataset(splits["train"], config.ctx_len, config.max_steps * config.batch_size,
                               seed=config.seed, vocab=vocab)
     val_set = WindowDataset(splits["val"], config.ctx_len, config.eval_iters * config.batch_size,
@@ -319,29 +438,42 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool,
                                   sampler=ctx.windows(0, config.eval_iters, config.batch_size)))
     unigram = unigram_entropy_bits(splits["val"])
 
-    # --- model and optimizer, fresh or from the checkpoint ---
+    # --- model and optimizer, fresh, from given weights, or from the checkpoint ---
     torch.manual_seed(config.seed)
     model_config = RWKVConfig(vocab_size=vocab.size, n_layer=config.n_layer,
                               n_embd=config.n_embd, ctx_len=config.ctx_len,
                               wkv_backend=config.wkv_backend)
     model = RWKV(model_config).to(device)
     optimizer = make_optimizer(model, config)
-    step = 0
     metrics = {"config": dataclasses.asdict(config), "vocab_size": vocab.size,
                "unigram_entropy_bits": unigram, "train": [], "val": []}
-    if resume:
-        ckpt = load_checkpoint(ckpt_path)  # on CPU: RNG states must stay there
-        check_compatible(ckpt, config, vocab)
+    if init is not None:
+        model.load_state_dict(init["model"])
+        metrics["init_from"] = {"path": str(init_from), "step": init["step"]}
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        if ckpt["optimizer"] is not None:  # None for weights imported from RWKV-LM
+        try:
             optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        metrics["train"], metrics["val"] = ckpt["metrics"]["train"], ckpt["metrics"]["val"]
+        except ValueError as err:  # other parameter groups: an older rwkv_lib wrote it
+            raise CheckpointError(
+                f"{ckpt_path}: its optimizer state does not fit this rwkv_lib's parameter "
+                f"groups ({err}); start a new run from its weights with --init-from "
+                f"{ckpt_path}") from err
+        saved = ckpt["metrics"]
+        metrics["train"], metrics["val"] = saved.get("train", []), saved.get("val", [])
+        if "init_from" in saved:
+            metrics["init_from"] = saved["init_from"]
         restore_rng_state(ckpt["rng_state"])
-    # Written once the config is known to fit the checkpoint: config.json is this run's.
+
+    # Everything is checked: from here on the run writes, and only into out_dir.
     if ctx.is_main:
-        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2)
-                                             + "\n")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stale = remove_stale_temps(out_dir, RUN_FILES)
+        if stale:
+            print(f"removed {len(stale)} temporary file(s) left by an interrupted write: "
+                  + ", ".join(p.name for p in stale))
+        write_text_atomically(out_dir / "config.json",
+                              json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     runner = ctx.wrap(model)  # DistributedDataParallel under torchrun, else the model itself
     if will_compile(config, device):
         from .extension import load_wkv_extension
@@ -353,10 +485,12 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool,
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{config.corpus}: {len(data):,} bytes, vocabulary {vocab.size}, unigram entropy "
           f"of the validation split {unigram:.3f} bits per byte")
+    start = f", resuming at step {step}" if resume else ""
+    if init is not None:
+        start = f", starting from the weights of {init_from}"
     print(f"model L{config.n_layer} C{config.n_embd}: {n_params:,} parameters on {device}"
-          + (f", resuming at step {step}" if resume else ""))
+          + start)
 
-    end = config.max_steps if stop_after is None else min(config.max_steps, step + stop_after)
     loader = DataLoader(train_set, batch_size=config.batch_size // ctx.world_size,
                         sampler=ctx.windows(step, end, config.batch_size),
                         num_workers=config.num_workers, pin_memory=device.type == "cuda")
@@ -364,26 +498,55 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool,
 
     saved_step = step if resume else None
 
+    def write_metrics() -> None:
+        if not ctx.is_main:
+            return
+        # allow_nan=False: the file stays valid JSON (nan is not); no record is ever nan
+        write_text_atomically(out_dir / "metrics.json",
+                              json.dumps(metrics, indent=1, allow_nan=False) + "\n")
+
+    def diverged(what: str) -> TrainingDiverged:
+        bar.close()
+        write_metrics()
+        last = "no checkpoint was written yet"
+        if saved_step is not None:
+            last = f"the last good checkpoint is {ckpt_path} (step {saved_step}), kept as it was"
+        return TrainingDiverged(f"{what}. {last}. Try a lower lr_init, grad_clip 1.0, or dtype "
+                                "float32.")
+
     def checkpoint() -> None:
+        # Written only if it is good: finite weights that give a finite loss on a validation
+        # batch (weights can be finite, yet so large that the next forward pass overflows).
         nonlocal saved_step
-        saved_step = step
+        broken = _nonfinite_weights(model)  # the same on every rank: the weights are
+        if broken:
+            named = ", ".join(broken[:3]) + (", ..." if len(broken) > 3 else "")
+            raise diverged(
+                f"after {step} steps the weights are not finite (nan or inf in {named}), "
+                f"although the last training loss was {loss_value:.4g}; no checkpoint was "
+                f"written at step {step}")
+        # every rank runs the probe (DDP's forward is collective), on its share of the batch
+        probe = ctx.mean(estimate_loss(runner, val_batches[:1], device, autocast))
+        if not math.isfinite(probe):
+            raise diverged(f"after {step} steps the weights give a validation loss of {probe}; "
+                           f"no checkpoint was written at step {step}")
         if ctx.is_main:  # `model`, not the DDP wrapper: RWKV-LM's names, no "module."
             save_checkpoint(ckpt_path, model=model, optimizer=optimizer, step=step,
                             train_config=config, vocab=vocab,
                             data_position=step * config.batch_size, metrics=metrics)
+        saved_step = step
 
     def evaluate() -> float:
         val_loss = ctx.mean(estimate_loss(runner, val_batches, device, autocast))
+        if not math.isfinite(val_loss):
+            raise diverged(f"the validation loss is {val_loss} after {step} steps: the weights "
+                           "no longer give finite numbers")
         metrics["val"].append({"step": step, "tokens": step * tokens_per_step,
                                "loss": val_loss, "bpb": val_loss / math.log(2)})
         return val_loss
 
     def report(line: str) -> None:
         (bar.write if config.progress else print)(line)
-
-    def write_metrics() -> None:
-        if ctx.is_main:
-            (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
 
     bar = tqdm(total=config.max_steps, initial=step, disable=not config.progress,
                unit="step", dynamic_ncols=True)
@@ -406,14 +569,8 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool,
         loss = l2wrap(loss, logits)
         loss_value = ctx.mean(loss.item())  # the same on every rank: all stop together
         if not math.isfinite(loss_value):
-            bar.close()
-            write_metrics()
-            last = "no checkpoint was written yet"
-            if saved_step is not None:
-                last = f"the last good checkpoint is {ckpt_path} (step {saved_step})"
-            raise TrainingDiverged(
-                f"the training loss is {loss_value} at step {step}; stopped before updating "
-                f"the weights. {last}. Try a lower lr_init, grad_clip 1.0, or dtype float32.")
+            raise diverged(f"the training loss is {loss_value} at step {step}; stopped before "
+                           "updating the weights")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip is not None:
@@ -460,9 +617,9 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool,
         save_loss_plot(metrics, out_dir / "loss.png")
     print(f"step {step}: validation {final['val_bpb']:.3f} bits per byte, unigram entropy "
           f"{unigram:.3f}; wrote {ckpt_path}")
-    paths = {name: str(out_dir / name) for name in
-             ("ckpt.pt", "config.json", "metrics.json", "loss.png")}
-    return {**final, "out_dir": str(out_dir), "checkpoint": paths["ckpt.pt"],
+    paths = {name: str(out_dir / name) for name in RUN_FILES}
+    return {**final, "nothing_to_do": False, "out_dir": str(out_dir),
+            "checkpoint": paths["ckpt.pt"],
             "config_path": paths["config.json"], "metrics_path": paths["metrics.json"],
             "plot_path": paths["loss.png"]}
 
@@ -509,7 +666,7 @@ def _converter(hint: typing.Any) -> typing.Callable[[str], typing.Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m rwkv_lib.train",
         description="Train RWKV-4 on bytes. Start from a preset, override any field.",
         epilog="Fields may be written --max_steps or --max-steps. Booleans take true/false; "
@@ -521,8 +678,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="continue the run in --out-dir from its ckpt.pt")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh even if --out-dir already holds a checkpoint")
-    parser.add_argument("--stop-after", type=int, default=None,
+    parser.add_argument("--stop-after", type=cli.positive_int, default=None,
                         help="stop (with a checkpoint) after this many steps in this call")
+    parser.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                        help="start a new run (step 0, fresh optimizer) from the weights of "
+                             "this checkpoint, e.g. one made by python -m rwkv_lib.checkpoint "
+                             "import; n_layer and n_embd default to the checkpoint's")
     hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
         if field.name == "preset":
@@ -548,30 +709,42 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = vars(parser.parse_args(argv))
     preset, resume = args.pop("preset"), args.pop("resume")
     overwrite, stop_after = args.pop("overwrite"), args.pop("stop_after")
+    init_from = args.pop("init_from")
+    if resume and overwrite:
+        parser.error("--resume continues the run in --out-dir and --overwrite starts it "
+                     "afresh: pass one of them")
+    if resume and init_from is not None:
+        parser.error("--init-from starts a new run from a checkpoint's weights and --resume "
+                     "continues the run in --out-dir: pass one of them")
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
     out_dir = Path(overrides.get("out_dir", PRESETS[preset or "ci"].out_dir))
     ckpt_path = out_dir / CHECKPOINT_NAME
     if resume and preset is None:
         # Resume what was run, not the default preset: the checkpoint knows its config.
-        base = config_from_dict(load_checkpoint(ckpt_path)["train_config"])
+        base = config_from_dict(load_resumable(ckpt_path)["train_config"])
     else:
         base = PRESETS[preset or "ci"]
         if ckpt_path.exists() and not (resume or overwrite):
             parser.error(f"{ckpt_path} exists: pass --resume to continue that run, "
                          f"--overwrite to start afresh, or choose another --out-dir")
+    if init_from is not None:  # the model's shape is the checkpoint's unless given
+        shape = load_checkpoint(init_from)["model_config"]
+        base = dataclasses.replace(base, n_layer=shape["n_layer"], n_embd=shape["n_embd"])
     config = dataclasses.replace(base, **overrides)
+    try:
+        check_config(config)
+    except ValueError as err:
+        parser.error(str(err))
     if overrides:
         print("overrides: " + ", ".join(f"{k}={v!r}" for k, v in overrides.items()))
     print("config: " + json.dumps(dataclasses.asdict(config)))
-    result = train(config, resume=resume, stop_after=stop_after)
-    print(f"done in {result['seconds']:.1f} s "
-          f"({result['train_tokens_per_second']:,.0f} tokens/s while training)")
+    result = train(config, resume=resume, stop_after=stop_after, init_from=init_from)
+    if not result["nothing_to_do"]:
+        print(f"done in {result['seconds']:.1f} s "
+              f"({result['train_tokens_per_second']:,.0f} tokens/s while training)")
     return result
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (TrainingDiverged, CheckpointError, FileNotFoundError, ValueError) as err:
-        # The message says what happened and what to do; a traceback would bury it.
-        sys.exit(f"error: {err}")
+    # A mistake (a bad value, a missing file, a diverged run...) is one line, not a traceback.
+    raise SystemExit(cli.run(main, sys.argv[1:]))

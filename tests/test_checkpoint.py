@@ -59,7 +59,8 @@ def test_contents_load_with_weights_only(saved):
 
 def test_load_model_gives_the_same_logits(saved):
     path, model, _, vocab, train_config = saved
-    loaded, loaded_vocab, loaded_config = load_model(path)
+    # the model's own backend: bit-exact logits (the default, "auto", may pick the C++ op)
+    loaded, loaded_vocab, loaded_config = load_model(path, wkv_backend="pytorch")
     assert loaded_vocab == vocab and not loaded.training
     assert loaded_config["n_embd"] == 16
     ids = torch.from_numpy(vocab.encode(TEXT[:12])).unsqueeze(0)
@@ -126,9 +127,33 @@ def test_pickled_code_is_refused(tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"format": ckpt_mod.FORMAT, "obj": ByteVocab([1, 2])}, evil)  # a class instance
     with pytest.raises(CheckpointError, match=r"evil.pt: it holds Python objects that safe "
-                       r"loading \(weights_only=True\) refuses.*Unsupported global") as err:
+                       r"loading \(weights_only=True\) refuses") as err:
         load_checkpoint(evil)
-    assert "truncated" not in str(err.value)
+    message = str(err.value)
+    assert "truncated" not in message
+    assert "rwkv_lib.data.ByteVocab" in message  # the global torch refused, by name
+    # torch's advice to load it unsafely is not passed on
+    assert "likely succeed" not in message and "weights_only=False" not in message
+    assert "add_safe_globals" not in message and len(message.splitlines()) == 1
+
+
+@pytest.mark.parametrize("writer", ["legacy torch.save", "plain pickle"])
+def test_other_pickles_are_refused_without_torch_advice(tmp_path, writer):
+    import pickle
+
+    evil = tmp_path / "evil.pt"
+    if writer == "plain pickle":
+        with open(evil, "wb") as f:
+            pickle.dump({"obj": ByteVocab([1])}, f, protocol=4)
+    else:  # torch's format before 1.6: not a zip archive
+        torch.save({"obj": ByteVocab([1, 2])}, evil, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="evil.pt: it holds Python objects") as err:
+        load_checkpoint(evil)
+    message = str(err.value)
+    assert "likely succeed" not in message and "weights_only=False" not in message
+    assert len(message.splitlines()) == 1
+    if writer == "legacy torch.save":
+        assert "unsupported global rwkv_lib.data.ByteVocab" in message
 
 
 def test_check_compatible_lists_every_difference(saved):
@@ -184,3 +209,94 @@ def test_command_line_export_and_import(saved, tmp_path, capsys):
     assert back_vocab == vocab and back_config["corpus"] == str(corpus)
     assert torch.equal(back.head.weight, model.head.weight)
     assert "wrote" in capsys.readouterr().out
+
+
+# --- export and import never destroy a file ------------------------------------------------
+
+def test_export_refuses_to_overwrite_its_input(saved, tmp_path, capsys):
+    path = saved[0]
+    before = path.read_bytes()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.pt").symlink_to(path)
+    for out in (path, tmp_path / "sub" / ".." / path.name, tmp_path / "link.pt"):
+        for extra in ([], ["--force"]):
+            assert ckpt_mod.main(["export", str(path), str(out), *extra]) == 1
+            assert "is the input file" in capsys.readouterr().err
+    assert path.read_bytes() == before and load_checkpoint(path)["optimizer"] is not None
+    with pytest.raises(ValueError, match="is the input file"):
+        export_rwkv_lm(path, path, overwrite=True)
+    assert path.read_bytes() == before
+
+
+def test_export_and_import_refuse_an_existing_output_unless_forced(saved, tmp_path, capsys):
+    path, _, _, vocab, _ = saved
+    pth, back = tmp_path / "out.pth", tmp_path / "back.pt"
+    pth.write_bytes(b"someone's file")
+    back.write_bytes(b"another file")
+    assert ckpt_mod.main(["export", str(path), str(pth)]) == 1
+    assert "--force" in capsys.readouterr().err
+    assert pth.read_bytes() == b"someone's file"
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export_rwkv_lm(path, pth)
+    assert ckpt_mod.main(["export", str(path), str(pth), "--force"]) == 0
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(TEXT)
+    for out in (back, pth):  # an existing file, and the input itself
+        assert ckpt_mod.main(["import", str(pth), str(out), "--corpus", str(corpus)]) == 1
+    assert back.read_bytes() == b"another file"
+    assert ckpt_mod.main(["import", str(pth), str(back), "--corpus", str(corpus),
+                          "--force"]) == 0
+    assert load_model(back)[1] == vocab
+
+
+def test_a_checkpoint_write_syncs_its_folder(saved, monkeypatch):
+    import stat
+
+    path, model, optimizer, vocab, train_config = saved
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append("rename")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    save_checkpoint(path, model=model, optimizer=optimizer, step=8, train_config=train_config,
+                    vocab=vocab)
+    # the bytes reach the disk, then the new name, then the folder entry that holds it
+    assert events == ["fsync file", "rename", "fsync dir"]
+
+
+# --- the WKV backend is chosen where the model runs, not stored with it ------------------------
+
+def test_load_model_takes_the_backend_from_the_caller(tmp_path):
+    vocab = ByteVocab.from_data(TEXT)
+    model = RWKV(RWKVConfig(vocab_size=vocab.size, n_layer=1, n_embd=8, wkv_backend="cuda"))
+    path = save_checkpoint(tmp_path / "gpu.pt", model=model, optimizer=None, step=0,
+                           train_config={"corpus": "x"}, vocab=vocab)
+    reference = RWKV(RWKVConfig(vocab_size=vocab.size, n_layer=1, n_embd=8,
+                                wkv_backend="pytorch"))
+    reference.load_state_dict(model.state_dict())
+    ids = torch.from_numpy(vocab.encode(TEXT[:10])).unsqueeze(0)
+    for backend, expected in ((None, "auto"), ("pytorch", "pytorch"), ("definition",
+                                                                      "definition")):
+        kwargs = {} if backend is None else {"wkv_backend": backend}
+        loaded, _, _ = load_model(path, **kwargs)  # on the CPU, trained with "cuda"
+        assert loaded.config.wkv_backend == expected
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids), reference(ids))
+    with pytest.raises(ValueError, match="wkv_backend"):
+        load_model(path, wkv_backend="fast")
+
+
+def test_a_checkpoint_missing_fields_is_refused(saved, tmp_path):
+    raw = torch.load(saved[0], weights_only=True)
+    del raw["model_config"], raw["vocab"]
+    torch.save(raw, tmp_path / "partial.pt")
+    with pytest.raises(CheckpointError, match=r"partial.pt: .*missing .*model_config.*vocab"):
+        load_checkpoint(tmp_path / "partial.pt")

@@ -159,7 +159,7 @@ def test_missing_and_empty_files(tmp_path):
 
 
 def test_sample_is_generated_on_first_use(tmp_path, monkeypatch):
-    folder = tmp_path / "new" / "data"
+    folder = tmp_path / "data"  # created: its parent exists
     path = resolve_corpus("sample", folder)
     assert path == folder / "sample_corpus.txt"
     assert hashlib.sha256(path.read_bytes()).hexdigest() == SAMPLE_SHA256
@@ -342,3 +342,32 @@ def test_cli_download_calls_the_downloader(tmp_path, monkeypatch, capsys):
     assert main(["download", "--dest", str(tmp_path), "--no-progress"]) == 0
     assert calls == [(tmp_path, False)]
     assert "enwik8 is ready" in capsys.readouterr().out
+
+
+def test_a_data_dir_typo_creates_no_folders(tmp_path, capsys):
+    typo = tmp_path / "dtaa" / "data"
+    with pytest.raises(FileNotFoundError, match=r"dtaa.*does not exist"):
+        resolve_corpus("sample", typo)
+    assert main(["info", "sample", "--data-dir", str(typo)]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_data_dir_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(NotADirectoryError, match="not a folder"):
+        resolve_corpus("sample", tmp_path / "file")
+
+
+def test_temp_files_of_an_interrupted_sample_write_are_removed(tmp_path):
+    (tmp_path / ".sample_corpus.txt.ab12cd34.tmp").write_bytes(b"a sample cut short")
+    resolve_corpus("sample", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample_corpus.txt"]
+
+
+def test_cli_download_uses_the_default_folder(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(data, "download_enwik8",
+                        lambda dest, progress=True: calls.append(Path(dest)) or Path(dest))
+    assert main(["download", "--no-progress"]) == 0
+    assert calls == [data.DATA_DIR]

@@ -221,3 +221,80 @@ def test_verify_file(tmp_path):
         verify_file(path, **{**_checks(PAYLOAD), "size": len(PAYLOAD) + 1})
     with pytest.raises(ValueError, match="checksum mismatch"):
         verify_file(path, **{**_checks(PAYLOAD), "sha256": "f" * 64})
+
+
+# --- archives that are not what they claim ---------------------------------------------------
+
+def _deflated(payload: bytes, member: str = "enwik8") -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(member, payload)
+    return buffer.getvalue()
+
+
+def test_a_zip_bomb_is_refused_before_anything_is_unpacked(server, tmp_path, monkeypatch):
+    bomb = _deflated(bytes(50_000_000))  # 50 MB of zeros in about 50 kB
+    assert len(bomb) < 100_000
+    server.files["/enwik8.zip"] = bomb
+    opened = []
+    real_open = zipfile.ZipFile.open
+
+    def spy(self, name, *args, **kwargs):
+        opened.append(name)
+        return real_open(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", spy)
+    with pytest.raises(ValueError, match=r"50,000,000 bytes.*expected 200,000"):
+        _download(tmp_path, server.url())
+    assert opened == [], "nothing was decompressed"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_member_that_lies_about_its_size_stops_at_the_limit(server, tmp_path, monkeypatch):
+    server.files["/enwik8.zip"] = _zip(PAYLOAD)
+    served = {"bytes": 0}
+
+    class Endless(io.RawIOBase):
+        """What a decompressor that ignores the declared size would give: no end."""
+
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            if served["bytes"] > 20 * len(PAYLOAD):  # far past any limit: stop the test
+                raise AssertionError(f"read {served['bytes']:,} bytes and still reading")
+            buffer[:] = bytes(len(buffer))
+            served["bytes"] += len(buffer)
+            return len(buffer)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open",
+                        lambda self, name, *a, **k: io.BufferedReader(Endless()))
+    with pytest.raises(ValueError, match="more than the expected 200,000 bytes"):
+        _download(tmp_path, server.url())
+    assert served["bytes"] <= 2 * len(PAYLOAD) + (1 << 20)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_temp_files_of_an_interrupted_unzip_are_removed(server, tmp_path):
+    server.files["/enwik8.zip"] = _zip(PAYLOAD)
+    (tmp_path / ".enwik8.k3j4h5g6.tmp").write_bytes(b"half of enwik8")
+    _download(tmp_path, server.url())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["enwik8"]
+
+
+def test_a_missing_destination_parent_is_not_created(tmp_path, closed_port_url):
+    with pytest.raises(FileNotFoundError, match="typo"):
+        _download(tmp_path / "typo" / "data", closed_port_url)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_and_data_do_not_import_each_other():
+    import subprocess
+    import sys
+
+    code = ("import sys, rwkv_lib.download; print('rwkv_lib.data' in sys.modules); "
+            "import inspect; print(inspect.signature(rwkv_lib.download.download_enwik8)"
+            ".parameters['dest_dir'].default is inspect.Parameter.empty)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.split() == ["False", "True"]

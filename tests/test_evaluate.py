@@ -86,3 +86,20 @@ def test_command_line(tmp_path, capsys):
     val = data[len(data) * 90 // 100 : len(data) * 95 // 100]
     expected = evaluate_bpb(model, vocab.encode(val), chunk_len=16)["bpb"]
     assert f"val: {expected:.4f} bits per byte" in out
+
+
+def test_a_checkpoint_trained_with_cuda_evaluates_on_the_cpu(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(b"trained on a GPU, evaluated on a laptop. " * 40)
+    vocab = ByteVocab.from_data(corpus.read_bytes())
+    torch.manual_seed(0)
+    model = RWKV(RWKVConfig(vocab_size=vocab.size, n_layer=1, n_embd=8, wkv_backend="cuda"))
+    path = save_checkpoint(tmp_path / "ckpt.pt", model=model, optimizer=None, step=0,
+                           train_config={"corpus": str(corpus)}, vocab=vocab)
+    for backend in ([], ["--wkv-backend", "pytorch"], ["--wkv-backend", "auto"]):
+        assert evaluate_mod.main([str(path), "--split", "val", "--no-progress", "--device",
+                                  "cpu", *backend]) == 0
+        assert "bits per byte" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        evaluate_mod.main([str(path), "--wkv-backend", "fast"])
+    assert info.value.code == 2

@@ -219,3 +219,261 @@ def test_compiled_training_resumes_exactly(corpus, tmp_path):
     assert not torch.are_deterministic_algorithms_enabled()
     _weights_equal(load_checkpoint(whole["checkpoint"])["model"],
                    load_checkpoint(second["checkpoint"])["model"])
+
+
+# --- never lose a good checkpoint -----------------------------------------------------------
+
+def _poison_update(monkeypatch, at_call: int):
+    """Make the optimizer's `at_call`-th step (1-based) leave a nan in the weights, although
+    the loss of that step was finite."""
+    real = train_mod.make_optimizer
+
+    def make(model, config):
+        optimizer = real(model, config)
+        real_step, calls = optimizer.step, {"n": 0}
+
+        def step(*args, **kwargs):
+            out = real_step(*args, **kwargs)
+            calls["n"] += 1
+            if calls["n"] == at_call:
+                with torch.no_grad():
+                    model.head.weight[0, 0] = float("nan")
+            return out
+
+        optimizer.step = step
+        return optimizer
+
+    monkeypatch.setattr(train_mod, "make_optimizer", make)
+
+
+def test_nonfinite_weights_are_never_checkpointed(corpus, tmp_path, monkeypatch):
+    # Checkpoints at steps 2, 4, 6. The update of step 4 breaks the weights with a finite loss.
+    _poison_update(monkeypatch, at_call=4)
+    config = tiny(corpus, tmp_path, eval_interval=100)
+    with pytest.raises(TrainingDiverged) as info:
+        train(config)
+    message = str(info.value)
+    assert "step 4" in message and "not finite" in message
+    assert "last good checkpoint" in message and "(step 2)" in message
+    saved = load_checkpoint(tmp_path / "ckpt.pt")
+    assert saved["step"] == 2
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+
+
+def test_a_huge_learning_rate_writes_no_checkpoint(corpus, tmp_path):
+    # lr 1e20: the first update (its loss finite) leaves finite weights so large that the
+    # next forward pass gives nan: a checkpoint of them would be no good checkpoint.
+    config = tiny(corpus, tmp_path, lr_init=1e20, lr_final=1e20, lr_schedule="constant",
+                  checkpoint_interval=1, eval_interval=100, grad_clip=None)
+    with pytest.raises(TrainingDiverged, match="no checkpoint was written"):
+        train(config)
+    assert not (tmp_path / "ckpt.pt").exists()
+    json.loads((tmp_path / "metrics.json").read_text())  # still valid JSON
+
+
+def test_metrics_json_survives_a_full_disk(corpus, tmp_path, monkeypatch, capsys):
+    import os
+    import tempfile
+
+    from rwkv_lib import cli
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full, where every write fails with ENOSPC")
+    train(tiny(corpus, tmp_path, max_steps=3, eval_interval=3))
+    before = (tmp_path / "metrics.json").read_text()
+    real_mkstemp = tempfile.mkstemp
+
+    def full_disk_for_metrics(*args, prefix="", **kwargs):
+        # the temp file of metrics.json lands on a full disk: its writes fail with ENOSPC
+        if prefix.startswith(".metrics.json."):
+            return os.open("/dev/full", os.O_WRONLY), str(tmp_path / f"{prefix}x.tmp")
+        return real_mkstemp(*args, prefix=prefix, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", full_disk_for_metrics)
+    capsys.readouterr()
+    args = ["--out-dir", str(tmp_path), "--resume", "--max-steps", "6"]
+    assert cli.run(main, args) == 1
+    err = capsys.readouterr().err
+    assert f"no space left on the device that holds {tmp_path}" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "metrics.json").read_text() == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_temp_files_of_interrupted_writes_are_removed(corpus, tmp_path):
+    leftovers = [".ckpt.pt.a1b2c3d4.tmp", ".metrics.json.zz_9x8y7.tmp", ".config.json.q.tmp",
+                 ".loss.png.r2d2c3po.tmp"]
+    for name in leftovers:
+        (tmp_path / name).write_bytes(b"half a file")
+    (tmp_path / ".keep-me.tmp").write_bytes(b"not ours")
+    train(tiny(corpus, tmp_path, max_steps=2))
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [".keep-me.tmp", "ckpt.pt", "config.json", "corpus.txt", "loss.png",
+                    "metrics.json"]
+
+
+def test_checkpoint_and_metrics_writes_are_atomic_and_durable(corpus, tmp_path, monkeypatch):
+    import os
+    import stat
+
+    synced = []
+    real_fsync = os.fsync
+
+    def record(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    train(tiny(corpus, tmp_path, max_steps=2, checkpoint_interval=0))
+    # ckpt.pt, config.json, metrics.json (twice: after the evaluation and at the end),
+    # loss.png: each a synced file, then its synced folder
+    assert synced.count(True) >= 5 and synced.count(False) >= 5
+
+
+# --- say truthfully when there is nothing to do ------------------------------------------------
+
+def test_max_steps_zero_does_nothing_and_says_so(corpus, tmp_path, capsys):
+    result = train(tiny(corpus, tmp_path / "run", max_steps=0))
+    out = capsys.readouterr().out
+    assert "nothing to do" in out and "max_steps is 0" in out and "wrote" not in out
+    assert result["checkpoint"] is None and result["step"] == 0
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_a_finished_run_does_nothing_and_says_so(corpus, tmp_path, capsys):
+    train(tiny(corpus, tmp_path, max_steps=4))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    capsys.readouterr()
+    for max_steps in (4, 2):
+        result = train(tiny(corpus, tmp_path, max_steps=max_steps), resume=True)
+        out = capsys.readouterr().out
+        assert (f"nothing to do: the checkpoint {tmp_path / 'ckpt.pt'} is already at step 4 "
+                f"of max_steps {max_steps}") in out
+        assert "wrote" not in out and result["step"] == 4
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_stop_after_zero_is_refused(corpus, tmp_path, capsys):
+    with pytest.raises(ValueError, match="stop_after must be >= 1"):
+        train(tiny(corpus, tmp_path), stop_after=0)
+    with pytest.raises(SystemExit) as info:
+        main(["--out-dir", str(tmp_path), "--corpus", corpus, "--stop-after", "0"])
+    assert info.value.code == 2 and "--stop-after" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [tmp_path / "corpus.txt"]
+
+
+# --- fine-tuning weights imported from RWKV-LM ---------------------------------------------
+
+def _rwkv_lm_state(vocab_size: int) -> dict:
+    """A state dict as RWKV-LM saves one: the same names, no rwkv_lib wrapping."""
+    from rwkv_lib.model import RWKV, RWKVConfig
+
+    return RWKV(RWKVConfig(vocab_size=vocab_size, n_layer=1, n_embd=16)).state_dict()
+
+
+def test_fine_tuning_an_imported_checkpoint(corpus, tmp_path):
+    from pathlib import Path
+
+    from rwkv_lib import checkpoint as ckpt_mod
+
+    torch.manual_seed(3)
+    torch.save(_rwkv_lm_state(len(set(Path(corpus).read_bytes()))), tmp_path / "rwkv-lm.pth")
+    assert ckpt_mod.main(["import", str(tmp_path / "rwkv-lm.pth"), str(tmp_path / "imported.pt"),
+                          "--corpus", corpus]) == 0
+    run = tmp_path / "fine"
+    args = ["--out-dir", str(run), "--corpus", corpus, "--ctx-len", "16", "--batch-size", "4",
+            "--max-steps", "4", "--eval-iters", "1", "--wkv-backend", "pytorch", "--device",
+            "cpu", "--progress", "false"]
+    result = main([*args, "--init-from", str(tmp_path / "imported.pt")])
+    assert result["step"] == 4
+    ckpt = load_checkpoint(run / "ckpt.pt")
+    assert ckpt["model_config"]["n_embd"] == 16 and ckpt["train_config"]["n_layer"] == 1
+    assert ckpt["metrics"]["init_from"]["path"] == str(tmp_path / "imported.pt")
+    # and the fine-tuned run resumes like any other
+    assert main(["--out-dir", str(run), "--resume", "--max-steps", "6"])["step"] == 6
+    # --resume on the imported file itself explains what to do instead
+    imported_dir = tmp_path / "imp"
+    imported_dir.mkdir()
+    (imported_dir / "ckpt.pt").write_bytes((tmp_path / "imported.pt").read_bytes())
+    with pytest.raises(CheckpointError, match="--init-from"):
+        main(["--out-dir", str(imported_dir), "--resume"])
+
+
+def test_init_from_starts_at_the_imported_weights(corpus, tmp_path):
+    from rwkv_lib.checkpoint import import_rwkv_lm, save_checkpoint
+    from rwkv_lib.data import ByteVocab, load_corpus
+
+    vocab = ByteVocab(range(256))  # a model that knows every byte fine-tunes on any corpus
+    torch.manual_seed(5)
+    model = import_rwkv_lm(_rwkv_lm_state(vocab.size))
+    save_checkpoint(tmp_path / "start.pt", model=model, optimizer=None, step=0,
+                    train_config={"corpus": None, "n_layer": 1, "n_embd": 16}, vocab=vocab)
+    config = tiny(corpus, tmp_path / "run", max_steps=1, eval_iters=1)
+    result = train(config, init_from=tmp_path / "start.pt")
+    first_val = load_checkpoint(result["checkpoint"])["metrics"]["val"][0]["loss"]
+    val = train_mod.split_corpus(load_corpus(corpus))["val"]
+    windows = train_mod.WindowDataset(val, 16, 4, seed=train_mod.EVAL_SEED, vocab=vocab)
+    batches = list(train_mod.DataLoader(windows, batch_size=4))
+    assert first_val == pytest.approx(train_mod.estimate_loss(
+        model, batches, torch.device("cpu"), train_mod.contextlib.nullcontext()), rel=1e-5)
+    with pytest.raises(CheckpointError, match="n_embd: checkpoint 16, config 32"):
+        train(tiny(corpus, tmp_path / "other", n_embd=32), init_from=tmp_path / "start.pt")
+    assert not (tmp_path / "other").exists()
+
+
+# --- configuration checks ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value", [
+    ("eps", 0.0), ("eps", -1e-8), ("eps", float("nan")), ("lr_init", float("nan")),
+    ("lr_init", float("inf")), ("lr_init", 1e39), ("lr_final", float("inf")),
+    ("lr_final", -1.0),
+    ("weight_decay", -0.1), ("weight_decay", float("nan")), ("seed", -1),
+    ("grad_clip", float("nan")), ("betas", (1.0, 0.99)), ("betas", (0.9, -0.1)),
+    ("device", "tpu"),
+])
+def test_each_bad_field_is_named(tmp_path, field, value):
+    config = get_config("ci", out_dir=str(tmp_path / "run"), **{field: value})
+    with pytest.raises(ValueError, match=rf"\b{field} must"):
+        train(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_seed_message_names_only_seed(tmp_path):
+    with pytest.raises(ValueError) as info:
+        train_mod.check_config(get_config("ci", seed=-1))
+    assert str(info.value) == "invalid TrainConfig: seed must be >= 0, got -1"
+
+
+def test_a_data_dir_typo_creates_no_folders(tmp_path):
+    typo = tmp_path / "no-such-place" / "data"
+    config = get_config("ci", out_dir=str(tmp_path / "run"), data_dir=str(typo))
+    with pytest.raises(FileNotFoundError, match="no-such-place"):
+        train(config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_corpus_too_small_for_the_context_says_what_to_do(tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_bytes(b"just a few hundred bytes of text. " * 10)
+    config = get_config("ci", corpus=str(small), out_dir=str(tmp_path / "run"), ctx_len=64)
+    with pytest.raises(ValueError, match=r"validation split .* 17 bytes.*ctx_len 64.*--ctx-len"):
+        train(config)
+    assert not (tmp_path / "run").exists()
+
+
+# --- the optimizer's parameter groups ------------------------------------------------------
+
+def test_weight_decay_applies_to_the_linear_layers_only():
+    from rwkv_lib.model import RWKV, RWKVConfig
+
+    model = RWKV(RWKVConfig(vocab_size=11, n_layer=2, n_embd=8))
+    optimizer = train_mod.make_optimizer(model, get_config("ci", weight_decay=0.1))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = sorted(names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0
+                     for p in g["params"])
+    linear = sorted(f"{n}.weight" for n, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear))
+    assert decayed == linear and "head.weight" in decayed
+    assert not any("time_mix" in n or "emb" in n or "ln" in n for n in decayed)
+    every = [p for g in optimizer.param_groups for p in g["params"]]
+    assert len(every) == len(set(map(id, every))) == len(list(model.parameters()))
