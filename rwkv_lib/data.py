@@ -6,7 +6,9 @@ This is the finished code of notebook 01_data, which builds each piece step by s
   byte values that occur in the corpus.
 - Corpora: "enwik8" (the first 10^8 bytes of a Wikipedia XML dump, downloaded once with
   `python -m rwkv_lib.data download`), "sample" (a made-up stand-in in the same format,
-  generated offline, see `rwkv_lib.sample_corpus`), or the path of any file.
+  generated offline, see `rwkv_lib.sample_corpus`), "stdlib" (the running Python's
+  standard library, real text on every machine, see `rwkv_lib.stdlib_corpus`), or the
+  path of any file.
 - Splits: the standard 90/5/5 train/validation/test split of enwik8, in proportion.
 - A training sample is a window of ctx_len + 1 bytes: x = the first ctx_len, y = the same
   shifted by one (the next byte at every position).
@@ -30,11 +32,12 @@ from rwkv_lib import cli
 from rwkv_lib.atomic import make_folder, remove_stale_temps, write_bytes_atomically
 from rwkv_lib.download import ENWIK8_MD5, ENWIK8_SIZE, ENWIK8_URL, download_enwik8
 from rwkv_lib.sample_corpus import SAMPLE_SHA256, SAMPLE_SIZE, generate_sample_corpus
+from rwkv_lib.stdlib_corpus import build_stdlib_corpus
 
 DATA_DIR = Path(
     os.environ.get("RWKV_DATA_DIR") or Path(__file__).resolve().parent.parent / "data"
 )
-CORPORA = ("enwik8", "sample")
+CORPORA = ("enwik8", "sample", "stdlib")
 SPLITS = ("train", "val", "test")
 SAMPLE_FILE = "sample_corpus.txt"
 _CHUNK = 1 << 24  # bytes per step when scanning a large corpus, to bound memory
@@ -152,8 +155,9 @@ def resolve_corpus(corpus: str | os.PathLike[str], data_dir: str | os.PathLike[s
                    ) -> Path:
     """The file behind a corpus name or path.
 
-    "enwik8" and "sample" name files in `data_dir` (default DATA_DIR); the sample is
-    generated there on first use (the folder is created if its parent exists). Anything
+    "enwik8", "sample" and "stdlib" name files in `data_dir` (default DATA_DIR); the
+    sample and stdlib (see rwkv_lib.stdlib_corpus) are made there on first use (the folder
+    is created if its parent exists). Anything
     else (including a Path) is a file path.
     """
     folder = Path(data_dir) if data_dir is not None else DATA_DIR
@@ -179,6 +183,8 @@ def resolve_corpus(corpus: str | os.PathLike[str], data_dir: str | os.PathLike[s
         if not _sample_is_current(path):  # absent, or from another version: (re)generate
             write_bytes_atomically(path, generate_sample_corpus(), mode=0o644)
         return path
+    if corpus == "stdlib":
+        return build_stdlib_corpus(folder)
     path = Path(corpus).expanduser()
     if not path.exists():
         raise FileNotFoundError(

@@ -99,7 +99,7 @@ def test_vocab_serializes_to_json():
 def test_default_data_dir_is_the_repository_data_folder():
     if "RWKV_DATA_DIR" not in os.environ:
         assert data.DATA_DIR == Path(rwkv_lib.__file__).resolve().parent.parent / "data"
-    assert CORPORA == ("enwik8", "sample")
+    assert CORPORA == ("enwik8", "sample", "stdlib")
 
 
 def test_data_dir_follows_the_environment(tmp_path):
