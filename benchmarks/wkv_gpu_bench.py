@@ -66,7 +66,8 @@ class Ours:
     """This project's op with the kernel chosen by RWKV_WKV_CUDA (and _CHUNKS)."""
 
     def __init__(self, kernel: str, chunks: int | None = None) -> None:
-        from rwkv_lib.extension import load_wkv_extension, wkv_extension
+        from rwkv_lib.extension import load_wkv_extension
+        from rwkv_lib.wkv_op import wkv_extension
 
         self.module = load_wkv_extension()
         if DEVICE == "cuda" and not self.module.has_cuda:

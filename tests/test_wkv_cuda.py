@@ -15,8 +15,9 @@ import pytest
 import torch
 from test_extension import GRAD_NAMES, assert_close_rel, make_inputs, value_and_grads
 
-from rwkv_lib.extension import load_wkv_extension, wkv_extension
+from rwkv_lib.extension import load_wkv_extension
 from rwkv_lib.wkv import P_INIT, wkv, wkv_definition, wkv_pytorch
+from rwkv_lib.wkv_op import wkv_extension
 
 pytestmark = pytest.mark.cuda
 DEVICE = "cuda"
