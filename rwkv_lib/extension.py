@@ -39,7 +39,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils import cpp_extension
+
+# torch.utils.cpp_extension, without the notice a CUDA build of torch writes when there is no GPU
+from .quiet_cpp_extension import cpp_extension
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "cuda"
 WKV_SOURCES = ("wkv_ops.cpp", "wkv_cpu.cpp")
