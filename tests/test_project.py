@@ -1,9 +1,13 @@
 """The set-up is declared in several places; these tests keep them saying the same thing."""
 
 import re
+import sys
 from pathlib import Path
 
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI (pyproject's dev extra installs it)
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,3 +65,15 @@ def test_the_readme_python_examples_run():
     assert blocks, "README.md has no python example"
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
+
+
+def test_the_tests_can_read_toml_on_every_supported_python():
+    # tomllib is new in Python 3.11; on 3.10 these tests read TOML with tomli, from the dev extra
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    minimum = tuple(map(int, pyproject["project"]["requires-python"].removeprefix(">=").split(".")))
+    if minimum >= (3, 11):
+        return
+    dev = [d.replace(" ", "").replace('"', "'") for d in pyproject["project"]["optional-dependencies"]["dev"]]
+    assert any(d.startswith("tomli") and "python_version<'3.11'" in d for d in dev), (
+        "requires-python admits Python 3.10, so the dev extra needs tomli (python_version < '3.11')"
+    )
