@@ -134,9 +134,13 @@ class Result:
 
 def _run(cmd: str | list[str], cwd: Path, env: dict[str, str], timeout: float,
          log: Path | None = None) -> tuple[int, str]:
-    """Run a command in its own process group (all of it is killed on timeout): (rc, output)."""
+    """Run a command in its own process group (all of it is killed on timeout): (rc, output).
+
+    The output goes to `log` as it comes (follow it with tail -f), else to a temporary file.
+    """
     shell = isinstance(cmd, str)
-    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as out:
+    with (open(log, "w+", encoding="utf-8", errors="replace") if log is not None
+          else tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace")) as out:
         proc = subprocess.Popen(cmd, shell=shell, cwd=cwd, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True,
                                 executable="/bin/bash" if shell and os.name != "nt" else None)
@@ -144,17 +148,20 @@ def _run(cmd: str | list[str], cwd: Path, env: dict[str, str], timeout: float,
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             rc = 124
-            out.write(f"\n[timed out after {timeout:.0f} s]\n")
         finally:
             try:  # also whatever it left running (a notebook kernel, say)
-                os.killpg(proc.pid, signal.SIGKILL)
+                if hasattr(os, "killpg"):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                else:
+                    proc.kill()
             except (ProcessLookupError, PermissionError):
                 pass
             proc.wait()
+        if rc == 124:
+            out.write(f"\n[timed out after {timeout:.0f} s]\n")
+        out.flush()
         out.seek(0)
         text = out.read()
-    if log is not None:
-        log.write_text(text, encoding="utf-8")
     return rc, text
 
 
@@ -270,7 +277,7 @@ def _minutes(seconds: float | None) -> str:
 
 
 def table(results: list[Result]) -> str:
-    rows = ["| Python | PyTorch | build | GPU used | install | venv size | tests | wall time |",
+    rows = ["| Python | PyTorch | build | GPU visible | install | venv size | tests | wall time |",
             "|---|---|---|---|---:|---:|---|---:|"]
     for r in results:
         size = "-" if r.venv_bytes is None else f"{r.venv_bytes / 2**30:.1f} GiB"
