@@ -244,9 +244,14 @@ def run_one(version: str, python: str, args: argparse.Namespace, commit: str,
         rc, out = _run(test, repo, env, args.test_timeout, logs / f"{tag}-test.log")
         result.tests = _summary_line(out)
         result.ok = rc == 0
-        if not result.ok:
+        if not result.ok:  # what failed, and how (pytest's FAILURES section, shortened)
+            start_at = out.find("= FAILURES =")
+            end_at = out.find("short test summary info")
+            details = out[start_at:end_at] if 0 <= start_at < end_at else out
+            print(details[:6000] + ("\n[...]\n" + details[-2000:] if len(details) > 8000 else
+                                    details[6000:]))
             failed = [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))]
-            print("\n".join(failed[:40]) or out[-3000:])
+            print("\n".join(failed[:40]))
         return result
     finally:
         result.wall_s = time.monotonic() - start
