@@ -60,7 +60,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from torch.utils import cpp_extension
+
+# torch.utils.cpp_extension, without the notice a CUDA build of torch writes when there is no GPU
+from .quiet_cpp_extension import cpp_extension
 
 if os.name == "nt":
     import msvcrt

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils import cpp_extension
 
 from rwkv_lib import extension
 from rwkv_lib.extension import load_wkv_extension
+from rwkv_lib.quiet_cpp_extension import cpp_extension
 from rwkv_lib.wkv import initial_state, wkv_definition, wkv_pytorch
 from rwkv_lib.wkv_op import wkv_extension
 
