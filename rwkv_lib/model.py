@@ -26,7 +26,7 @@ from .wkv import P_INIT, compute_dtype, wkv
 STATE_ATT_X = 0  # previous input of time mixing (after ln1), for its token shift
 STATE_A = 1  # WKV numerator / e^p
 STATE_B = 2  # WKV denominator / e^p
-STATE_P = 3  # running maximum exponent
+STATE_P = 3  # the log-scale p of a and b: p <- max(p + w, k) (notebook 06), not a running max
 STATE_FFN_X = 4  # previous input of channel mixing (after ln2), for its token shift
 STATE_SIZE = 5
 
