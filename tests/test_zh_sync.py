@@ -138,3 +138,16 @@ def test_sync_drops_cells_the_english_no_longer_has(tmp_path):
     assert zh_sync.main(["check", *args]) == 1
     assert zh_sync.main(["sync", *args]) == 0 and (zh_dir / "01_data.ipynb").exists()
     assert zh_sync.main(["check", *args]) == 1
+
+
+# --- the edition in the repository -----------------------------------------------------------
+
+def test_editing_a_real_english_markdown_cell_makes_its_translation_stale(tmp_path):
+    name = "06_wkv.ipynb"
+    en = zh_sync.load(zh_sync.EN_DIR / name)
+    zh = zh_sync.load(zh_sync.ZH_DIR / name)
+    assert zh_sync.check_notebook(name, en, zh) == []
+    index = next(i for i, c in enumerate(en["cells"]) if c["cell_type"] == "markdown")
+    en["cells"][index]["source"] = zh_sync.source_of(en["cells"][index]) + "\nOne more sentence."
+    problems = zh_sync.check_notebook(name, en, zh)
+    assert len(problems) == 1 and f"cell {index} " in problems[0] and "stale" in problems[0]
