@@ -55,7 +55,7 @@ def _driver_version() -> str | None:
 
 
 def _nvcc_version() -> str | None:
-    from torch.utils import cpp_extension
+    from rwkv_lib.quiet_cpp_extension import cpp_extension
 
     nvcc = shutil.which("nvcc")
     if nvcc is None and cpp_extension.CUDA_HOME:

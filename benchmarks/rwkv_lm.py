@@ -126,13 +126,13 @@ def import_model(path: str | Path, float_mode: str = "fp32") -> types.ModuleType
 def build_kernel(path: str | Path) -> types.ModuleType:
     """Only the kernel, built as model.py builds it (same name, sources and flags, so the
     build is shared with a later import_model in the same extensions folder)."""
-    from torch.utils.cpp_extension import load
+    from rwkv_lib.quiet_cpp_extension import cpp_extension
 
     v4 = v4_dir(path)
     flags, _ = kernel_flags(path)
     with _working_directory(v4):
-        return load(name="wkv", sources=list(KERNEL_SOURCES), verbose=True,
-                    extra_cuda_cflags=flags)
+        return cpp_extension.load(name="wkv", sources=list(KERNEL_SOURCES), verbose=True,
+                                  extra_cuda_cflags=flags)
 
 
 class RwkvLmWKV:

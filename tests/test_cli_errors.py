@@ -196,7 +196,7 @@ def test_one_clear_line(name, files):
 
 @pytest.mark.parametrize("err, words", [
     (PermissionError(13, "Permission denied", "/data/x"), "/data/x: permission denied"),
-    (OSError(30, "Read-only file system", "/mnt/ro/run"), "/mnt/ro/run: on a read-only file"),
+    (OSError(30, "Read-only file system", "/ro/run"), "/ro/run: on a read-only file"),
     (NotADirectoryError(20, "Not a directory", "/a/file/run"), "/a/file/run: not a folder"),
     (IsADirectoryError(21, "Is a directory", "/a/dir"), "/a/dir: is a folder, not a file"),
     (OSError(28, "No space left on device"), "No space left on device"),
