@@ -406,6 +406,43 @@ def test_a_nonfinite_loss_on_one_rank_stops_every_rank(corpus, tmp_path, no_torc
     assert [r["step"] for r in metrics["val"]] == [0, 3]
 
 
+@pytest.mark.slow
+def test_checkpoints_by_the_clock_and_the_test_split_under_torchrun(corpus, tmp_path,
+                                                                    no_torchrun):
+    """Rank 0's clock alone says when a checkpoint is due (here: at every step, rank 1's
+    clock never would), and rank 0 alone reads the test split: no rank waits for another
+    in a collective operation that the other never reaches, and the test line is printed
+    once."""
+    script = tmp_path / "clock_driver.py"
+    script.write_text(textwrap.dedent("""\
+        import os, sys
+        import rwkv_lib.train as train
+        from rwkv_lib import cli
+        if os.environ["RANK"] == "0":
+            ticks = [0.0]
+            def clock():
+                ticks[0] += 61.0  # a minute and a second per call
+                return ticks[0]
+            train._clock = clock
+        real_save = train.save_checkpoint
+        def save(path, **kwargs):
+            print(f"saved step {kwargs['step']}", flush=True)
+            return real_save(path, **kwargs)
+        train.save_checkpoint = save
+        raise SystemExit(cli.run(train.main, sys.argv[1:]))
+        """))
+    fields = tiny(corpus, tmp_path / "run", checkpoint_interval=0, checkpoint_minutes=1.0,
+                  test_eval=True)
+    result = torchrun(*cli(fields), script=script)
+    assert result.returncode == 0, result.stderr
+    saved = [int(n) for n in re.findall(r"saved step (\d+)", result.stdout)]
+    assert saved == list(range(1, STEPS + 1)), result.stdout
+    assert result.stdout.count("test split, ") == 1, result.stdout
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["test"]["bytes"] > 0 and math.isfinite(metrics["test"]["bpb"])
+    assert load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"] == STEPS
+
+
 def _worker_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error: ")]
 

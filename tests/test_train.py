@@ -1,13 +1,19 @@
 import dataclasses
 import json
+import lzma
 import math
+import platform
+import sysconfig
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from rwkv_lib import train as train_mod
-from rwkv_lib.checkpoint import CheckpointError, load_checkpoint
+from rwkv_lib.checkpoint import CheckpointError, load_checkpoint, load_model
+from rwkv_lib.data import load_corpus, split_corpus, unigram_entropy_bits
+from rwkv_lib.evaluate import evaluate_bpb
 from rwkv_lib.train import (
     PRESETS,
     TrainConfig,
@@ -429,7 +435,7 @@ def test_init_from_starts_at_the_imported_weights(corpus, tmp_path):
     ("lr_final", -1.0),
     ("weight_decay", -0.1), ("weight_decay", float("nan")), ("seed", -1),
     ("grad_clip", float("nan")), ("betas", (1.0, 0.99)), ("betas", (0.9, -0.1)),
-    ("device", "tpu"),
+    ("device", "tpu"), ("checkpoint_minutes", -1.0), ("checkpoint_minutes", float("nan")),
 ])
 def test_each_bad_field_is_named(tmp_path, field, value):
     config = get_config("ci", out_dir=str(tmp_path / "run"), **{field: value})
@@ -477,3 +483,167 @@ def test_weight_decay_applies_to_the_linear_layers_only():
     assert not any("time_mix" in n or "emb" in n or "ln" in n for n in decayed)
     every = [p for g in optimizer.param_groups for p in g["params"]]
     assert len(every) == len(set(map(id, every))) == len(list(model.parameters()))
+
+
+# --- the laptop preset, time-based checkpoints, the end-of-run test evaluation ---------
+
+def test_laptop_preset_is_the_chosen_sweep_point():
+    laptop = PRESETS["laptop"]
+    assert laptop.corpus == "stdlib" and laptop.test_eval and laptop.checkpoint_minutes > 0
+    assert laptop.max_steps > 0 and laptop.wkv_backend == "auto" and not laptop.compile
+    assert laptop.checkpoint_minutes and not any(p.test_eval for n, p in PRESETS.items()
+                                                  if n != "laptop")
+    results = json.loads((Path(train_mod.__file__).parent.parent / "benchmarks" / "results"
+                          / "laptop_sweep.json").read_text())
+    [chosen] = [p for p in results["points"] if p["name"] == results["chosen"]]
+    for field in ("n_layer", "n_embd", "ctx_len", "batch_size", "lr_init", "lr_final",
+                  "warmup_steps", "lr_schedule", "seed"):
+        assert getattr(laptop, field) == chosen["config"][field], field
+    assert laptop.max_steps == chosen["steps"]
+    # the chosen point is the best test result measured
+    assert chosen["test_bpb"] == min(p["test_bpb"] for p in results["points"])
+
+
+def test_laptop_preset_parses_and_passes_the_checks():
+    train_mod.check_config(PRESETS["laptop"])
+    args = vars(train_mod.build_parser().parse_args(["--preset", "laptop", "--max_steps", "3"]))
+    assert args["preset"] == "laptop" and args["max_steps"] == 3
+    assert not train_mod.will_compile(PRESETS["laptop"], torch.device("cpu"))  # as measured
+
+
+def test_laptop_preset_runs_on_another_corpus(corpus, tmp_path):
+    # its model, schedule and checkpoints; a small batch, to be quick
+    config = get_config("laptop", corpus=corpus, out_dir=str(tmp_path / "run"), device="cpu",
+                        progress=False, eval_iters=1, batch_size=2)
+    result = train(config, stop_after=2)
+    assert result["step"] == 2 and "test" not in result  # unfinished: no test evaluation
+    saved = load_checkpoint(result["checkpoint"])
+    assert saved["step"] == 2 and saved["train_config"]["preset"] == "laptop"
+    assert (saved["model_config"]["n_layer"], saved["model_config"]["n_embd"]) == (
+        config.n_layer, config.n_embd)
+
+
+def _a_minute_per_step(monkeypatch) -> None:
+    """A fake clock for the time-based checkpoints: every training step takes a minute."""
+    now = {"t": 1000.0}
+    monkeypatch.setattr(train_mod, "_clock", lambda: now["t"])
+    real_l2wrap = train_mod.l2wrap
+
+    def a_minute_per_step(loss, logits):
+        now["t"] += 60.0
+        return real_l2wrap(loss, logits)
+
+    monkeypatch.setattr(train_mod, "l2wrap", a_minute_per_step)
+    monkeypatch.setattr(train_mod, "save_loss_plot", lambda metrics, path: path)  # not tested
+
+
+def test_checkpoints_also_follow_the_clock(corpus, tmp_path, monkeypatch):
+    _a_minute_per_step(monkeypatch)
+    saved_at = []
+    real_save = train_mod.save_checkpoint
+
+    def recording_save(path, **kwargs):
+        saved_at.append(kwargs["step"])
+        return real_save(path, **kwargs)
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", recording_save)
+    train(tiny(corpus, tmp_path / "both", max_steps=8, checkpoint_interval=5,
+               checkpoint_minutes=2.5))
+    # 2.5 minutes after the start (3), by steps (5), the end (8); not at 6, 2.5 minutes
+    # after the save at 3: the clock restarts at every save
+    assert saved_at == [3, 5, 8]
+    # test_eval is off by default: no test record
+    assert "test" not in json.loads((tmp_path / "both" / "metrics.json").read_text())
+    with pytest.raises(ValueError, match="checkpoint_minutes must be >= 0"):
+        train(tiny(corpus, tmp_path / "bad", checkpoint_minutes=-1.0))
+
+
+def test_a_checkpoint_by_the_clock_never_keeps_broken_weights(corpus, tmp_path, monkeypatch):
+    # By the clock at steps 3 and 6; the update of step 6 leaves a nan, its loss finite.
+    _a_minute_per_step(monkeypatch)
+    _poison_update(monkeypatch, at_call=6)
+    config = tiny(corpus, tmp_path, max_steps=8, checkpoint_interval=0, eval_interval=100,
+                  checkpoint_minutes=2.5)
+    with pytest.raises(TrainingDiverged) as info:
+        train(config)
+    message = str(info.value)
+    assert "not finite" in message and "no checkpoint was written at step 6" in message
+    assert "last good checkpoint" in message and "(step 3)" in message
+    saved = load_checkpoint(tmp_path / "ckpt.pt")
+    assert saved["step"] == 3
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+
+
+def test_finished_run_reports_the_test_split_next_to_xz(corpus, tmp_path, capsys):
+    config = tiny(corpus, tmp_path / "run", max_steps=6, test_eval=True,
+                  data_dir=str(tmp_path / "data"))
+    result = train(config)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    test = metrics["test"]
+    assert result["test"] == test == metrics["final"]["test"]
+
+    raw = bytes(split_corpus(load_corpus(corpus))["test"])
+    xz = len(lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME))
+    assert test["bytes"] == len(raw) and test["xz_bytes"] == xz
+    assert test["xz_bpb"] == pytest.approx(8 * xz / len(raw))
+    assert test["unigram_entropy_bits"] == pytest.approx(unigram_entropy_bits(raw))
+    model, vocab, _ = load_model(result["checkpoint"])
+    expected = evaluate_bpb(model, vocab.encode(raw), chunk_len=1024,
+                            batch_size=train_mod.TEST_STREAMS)
+    assert test["bpb"] == pytest.approx(expected["bpb"], rel=1e-5)
+    assert test["predicted"] == expected["predicted"] and test["streams"] == 16
+    assert test["bpb_over_xz"] == pytest.approx(test["bpb"] / test["xz_bpb"])
+    printed = capsys.readouterr().out
+    [line] = [t for t in printed.splitlines() if t.startswith("test split, ")]
+    assert line.startswith(f"test split, {len(raw):,} bytes: model {test['bpb']:.3f} bits per")
+    assert line.endswith(f"| unigram entropy {test['unigram_entropy_bits']:.3f}")
+    assert f"model {test['bpb']:.3f} bits per byte" in printed
+    assert f"xz -9e {test['xz_bpb']:.3f}" in printed
+    assert any(p.name.startswith("baselines-") for p in (tmp_path / "data").iterdir())
+    assert metrics["corpus"] == {"name": corpus, "bytes": Path(corpus).stat().st_size}
+
+
+def test_stdlib_runs_record_what_the_corpus_is_made_of(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "stdlib"
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        (root / f"m{i}.py").parent.mkdir(parents=True, exist_ok=True)
+        lines = [f"def f{j}(x):\n    return x + {int(rng.integers(100))}\n" for j in range(100)]
+        (root / f"m{i}.py").write_text("".join(lines))
+    monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **k: {"stdlib": str(root)})
+    config = tiny("stdlib", tmp_path / "run", data_dir=str(tmp_path / "data"), max_steps=2)
+    train(config)
+    recorded = json.loads((tmp_path / "run" / "metrics.json").read_text())["corpus"]
+    assert recorded["name"] == "stdlib" and recorded["files"] == 3
+    assert recorded["python_version"] == platform.python_version()
+    assert recorded["bytes"] == sum((root / f"m{i}.py").stat().st_size for i in range(3))
+    assert len(recorded["sha256"]) == 64
+    assert f"sha256 {recorded['sha256']}" in capsys.readouterr().out
+
+
+class _RecordingBar(train_mod.tqdm):
+    made: list = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.made.append(self)
+
+    def close(self):
+        self.final = dict(self.format_dict)
+        super().close()
+
+
+def test_progress_bar_counts_this_call_only_on_resume(corpus, tmp_path, monkeypatch):
+    _RecordingBar.made = []
+    monkeypatch.setattr(train_mod, "tqdm", _RecordingBar)
+    monkeypatch.setattr(train_mod, "save_loss_plot", lambda metrics, path: path)  # not tested
+    config = tiny(corpus, tmp_path, max_steps=10, progress=True)
+    train(config, stop_after=4)
+    train(config, resume=True, stop_after=3)
+    first, second = (bar.final for bar in _RecordingBar.made)
+    # total: where this call stops; initial: where it started, so tqdm's rate (hence the
+    # ETA) counts only steps made in this call
+    assert (first["initial"], first["n"], first["total"]) == (0, 4, 4)
+    assert (second["initial"], second["n"], second["total"]) == (4, 7, 7)
+    meter = train_mod.tqdm.format_meter(**{**second, "n": 5, "elapsed": 10.0, "rate": None})
+    assert "00:10<00:20" in meter  # 1 step in 10 s, 2 steps to go: 20 s left
