@@ -39,6 +39,7 @@ import socket
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -199,6 +200,7 @@ class Context:
     local_rank: int = 0
     device: torch.device | None = None  # None: one process, the caller picks as always
     backend: str | None = None
+    group: Any = None  # the process group of the model's gradients; None: the default one
 
     @property
     def is_main(self) -> bool:
@@ -221,7 +223,7 @@ class Context:
             return model
         ids = [self.device.index] if self.device is not None and self.device.type == "cuda" \
             else None
-        return DistributedDataParallel(model, device_ids=ids)
+        return DistributedDataParallel(model, device_ids=ids, process_group=self.group)
 
     def mean(self, value: float) -> float:
         """The average of `value` over the ranks (the value itself for one process). A nan or
@@ -265,15 +267,24 @@ def start(device: str = "auto", batch_size: int = 1, backend: str = "auto"
     here, problem = local_device(device, launch.local_rank, launch.local_world_size, cuda,
                                  torch.cuda.device_count() if cuda else 0)
     chosen, backend_problem = choose_backend(backend, here.type, dist.is_nccl_available())
-    dist.init_process_group(backend=chosen)
+    # The ranks first meet over gloo, which every build has and which needs no GPU: a rank
+    # that would start NCCL where another cannot must hear about it, not fail or hang.
+    dist.init_process_group(backend="gloo")
     try:
         reports: list = [None] * launch.world_size
         dist.all_gather_object(reports, (str(here), problem or backend_problem,
-                                         socket.gethostname()))
-        check_agreement(reports)
+                                         socket.gethostname(), chosen))
+        check_agreement([report[:3] for report in reports])
+        if len({report[3] for report in reports}) > 1:
+            raise ValueError("the processes must all use the same communication backend, but "
+                             "some have NCCL and some do not: pass --dist_backend gloo")
         if here.type == "cuda":
             torch.cuda.set_device(here)
-        context = Context(launch.rank, launch.world_size, launch.local_rank, here, chosen)
+        # The model's gradients go over NCCL when the ranks train on GPUs; the few CPU
+        # numbers of Context.mean and barrier stay on the gloo group.
+        group = dist.new_group(backend="nccl") if chosen == NCCL_WITH_GLOO else None
+        context = Context(launch.rank, launch.world_size, launch.local_rank, here, chosen,
+                          group)
         with contextlib.ExitStack() as stack:
             if not context.is_main:
                 sink = stack.enter_context(open(os.devnull, "w"))

@@ -450,9 +450,11 @@ def _worker_lines(stderr: str) -> list[str]:
 @pytest.mark.slow
 def test_user_mistakes_are_one_line_errors_before_any_work(corpus, tmp_path, no_torchrun):
     uneven = torchrun(*cli(tiny(corpus, tmp_path / "uneven", batch_size=15)))
-    # A CPU-only rank 0 and a rank 1 that sees GPUs (PyTorch is told so in the driver).
+    # A CPU-only rank 0 and a rank 1 that sees GPUs and NCCL (PyTorch is told so in the
+    # driver): the ranks must find out before either starts a backend the other lacks.
     script = _driver(tmp_path, "if rank == 1:\n    torch.cuda.is_available = lambda: True\n"
-                               "    torch.cuda.device_count = lambda: 2")
+                               "    torch.cuda.device_count = lambda: 2\n"
+                               "    torch.distributed.is_nccl_available = lambda: True")
     mixed = torchrun(*cli(tiny(corpus, tmp_path / "mixed", device="auto")), script=script)
     expected = {
         "uneven": (uneven, "error: batch_size 15 cannot be split evenly over 2 processes: "
