@@ -142,6 +142,11 @@ def test_sync_drops_cells_the_english_no_longer_has(tmp_path):
 
 # --- the edition in the repository -----------------------------------------------------------
 
+def test_the_chinese_edition_is_complete_and_in_step_with_the_english():
+    problems = zh_sync.check()
+    assert not problems, "\n".join(problems[:20])
+
+
 def test_editing_a_real_english_markdown_cell_makes_its_translation_stale(tmp_path):
     name = "06_wkv.ipynb"
     en = zh_sync.load(zh_sync.EN_DIR / name)
