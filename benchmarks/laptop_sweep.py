@@ -10,7 +10,7 @@
 Each point starts from the laptop preset (rwkv_lib.train.PRESETS["laptop"]) with the
 given fields replaced, and goes in two stages:
 
-1. Throughput, with /tmp/rwkv-bench.lock held (flock), so that timing runs never
+1. Throughput, with rwkv-bench.lock in the temp folder held (flock), so that timing runs never
    overlap: a few warm-up steps of train()'s exact step, then several short windows of
    steps, each timed on its own. The machine is shared, so the clock is the CPU time
    this single-threaded process got, not the wall clock: it is what the steps cost
@@ -27,7 +27,7 @@ given fields replaced, and goes in two stages:
 
 The record (config, parameters, steps, tokens, every window's speed, validation and test
 bits per byte) replaces the point of the same name in the results file
-(default benchmarks/results/laptop_sweep.json).
+(default benchmarks/results/cpu/laptop_sweep.json).
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ from rwkv_lib.train import (  # noqa: E402
     train,
 )
 
-LOCK = "/tmp/rwkv-bench.lock"
-RESULTS = REPO / "benchmarks" / "results" / "laptop_sweep.json"
+LOCK = str(Path(tempfile.gettempdir()) / "rwkv-bench.lock")  # shared by timing runs
+RESULTS = REPO / "benchmarks" / "results" / "cpu" / "laptop_sweep.json"
 FIELDS = ("n_layer", "n_embd", "ctx_len", "batch_size", "lr_init", "lr_final", "warmup_steps",
           "lr_schedule", "corpus", "seed", "wkv_backend")
 EVAL_STREAMS = 16
@@ -75,7 +75,7 @@ EVAL_STREAMS = 16
 
 @contextlib.contextmanager
 def bench_lock(path: str = LOCK):
-    """flock(2) on `path`, the same lock as `flock /tmp/rwkv-bench.lock COMMAND`."""
+    """flock(2) on `path`: the same lock as `flock <temp folder>/rwkv-bench.lock COMMAND`."""
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:

@@ -4,7 +4,7 @@
     python benchmarks/laptop_vs_nanogpt.py --nanogpt /somewhere/nanoGPT
     python benchmarks/laptop_vs_nanogpt.py --nanogpt /somewhere/nanoGPT --rwkv-run runs/laptop
     python benchmarks/laptop_vs_nanogpt.py --nanogpt /somewhere/nanoGPT --max-steps 20 \
-        --max-test-bytes 20000 --results /tmp/check.json                     # a quick check
+        --max-test-bytes 20000 --results check.json                          # a quick check
 
 RWKV's claim is that it trains like a GPT (in parallel over the sequence) and runs like an
 RNN (a fixed-size state, however long the text). This puts it to a small test:
@@ -62,7 +62,7 @@ from rwkv_lib.data import DATA_DIR, load_corpus, split_corpus  # noqa: E402
 from rwkv_lib.evaluate import evaluate_bpb  # noqa: E402
 from rwkv_lib.train import TrainConfig, get_config, train  # noqa: E402
 
-RESULTS = HERE / "results" / "laptop_vs_nanogpt.json"
+RESULTS = HERE / "results" / "cpu" / "laptop_vs_nanogpt.json"  # results/*.json: GPU files
 # nanoGPT's small-character-model recipe (config/train_shakespeare_char.py), dropout off
 GPT_RECIPE = {"lr": 1e-3, "min_lr": 1e-4, "warmup": 100, "betas": (0.9, 0.99),
               "weight_decay": 0.1, "grad_clip": 1.0, "head_size": 64}

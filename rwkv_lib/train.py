@@ -147,7 +147,7 @@ PRESETS: dict[str, TrainConfig] = {
         checkpoint_interval=5000,
     ),
     # Real text on a laptop: the Python standard library. Sized by benchmarks/laptop_sweep.py
-    # (results in benchmarks/results/laptop_sweep.json): the budget was 15 minutes of one
+    # (results in benchmarks/results/cpu/laptop_sweep.json): the budget was 15 minutes of one
     # core of the development machine (an AMD EPYC), each candidate's speed measured first
     # and turned into a step count. The best point so far, L2-C128 at ctx_len 256, batch 16,
     # lr 4e-3 -> 4e-4, ran 18,868 tokens per CPU second there: 4,145 steps, and 1.441 bits

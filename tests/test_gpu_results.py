@@ -91,3 +91,10 @@ def test_tables(tmp_path):
     assert train[3] == "| RWKV-LM v4 | RWKV-LM | 401,000 | 30.6 | - | - | - |"
     assert wkv_table({"device": DEVICE}) == "(no WKV results)"
     assert train_table({"device": DEVICE}) == "(no training results)"
+
+
+def test_the_results_in_the_repository_read():
+    # every benchmarks/results/*.json is a GPU results file (other benchmarks keep theirs in
+    # folders below it); notebook 06 reads them all
+    for result in load_results():
+        assert device_line(result)

@@ -494,7 +494,7 @@ def test_laptop_preset_is_the_chosen_sweep_point():
     assert laptop.checkpoint_minutes and not any(p.test_eval for n, p in PRESETS.items()
                                                   if n != "laptop")
     results = json.loads((Path(train_mod.__file__).parent.parent / "benchmarks" / "results"
-                          / "laptop_sweep.json").read_text())
+                          / "cpu" / "laptop_sweep.json").read_text())
     [chosen] = [p for p in results["points"] if p["name"] == results["chosen"]]
     for field in ("n_layer", "n_embd", "ctx_len", "batch_size", "lr_init", "lr_final",
                   "warmup_steps", "lr_schedule", "seed"):
