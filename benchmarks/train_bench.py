@@ -118,18 +118,23 @@ def our_run(config, data, weights, kernel: str, args) -> dict:
         with amp:
             logits = model(x)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        loss = l2wrap(loss, logits)
-        value = loss.item()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        return value
+        return _update(l2wrap(loss, logits), model, optimizer, config.grad_clip)
 
     result = time_steps(step, data, args.warmup, args.steps, args.device)
     return {"model": "ours", "kernel": kernel, **result,
             "optimizer": type(optimizer).__name__}
+
+
+def _update(loss: torch.Tensor, model: torch.nn.Module, optimizer, grad_clip: float | None
+            ) -> float:
+    """Backward, clipping and the optimizer step, the same for both models; the loss."""
+    value = loss.item()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return value
 
 
 def rwkv_lm_run(config, data, weights, args) -> dict:
@@ -151,13 +156,7 @@ def rwkv_lm_run(config, data, weights, args) -> dict:
     def step(x, y) -> float:
         with amp:
             loss = model(x, y)  # cross-entropy through its L2Wrap
-        value = loss.item()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        return value
+        return _update(loss, model, optimizer, config.grad_clip)
 
     try:
         result = time_steps(step, data, args.warmup, args.steps, args.device)

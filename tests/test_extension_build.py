@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_extension import _FAILING_BUILD
 
 from rwkv_lib import extension
 
@@ -256,21 +257,6 @@ def test_a_whole_library_that_does_not_load_is_reported_not_rebuilt(tmp_path):
     assert library.read_bytes() == other.read_bytes(), "it was rebuilt"
 
 
-_FALLBACK = """
-import json, warnings, torch
-from rwkv_lib.extension import ExtensionUnavailable, load_wkv_extension
-from rwkv_lib.wkv import wkv
-try:
-    load_wkv_extension()
-    message = None
-except ExtensionUnavailable as err:
-    message = str(err)
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    y = wkv(torch.zeros(3), torch.zeros(3), torch.randn(1, 4, 3), torch.randn(1, 4, 3))
-print(json.dumps({"message": message, "warnings": [str(w.message) for w in caught],
-                  "finite": bool(torch.isfinite(y).all())}))
-"""
 
 
 @pytest.mark.parametrize("where", ["cache-is-a-file", "cache-under-a-file"])
@@ -280,7 +266,7 @@ def test_a_cache_folder_that_cannot_be_made_falls_back(tmp_path, where):
     blocker = tmp_path / "blocker"
     blocker.write_text("not a folder\n")
     cache = blocker if where == "cache-is-a-file" else blocker / "cache"
-    out = subprocess.run([sys.executable, "-c", _FALLBACK], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", _FAILING_BUILD], capture_output=True, text=True,
                          timeout=BUILD_TIMEOUT, env=_env(cache), cwd=REPO)
     result = _answer(out)
     assert result["message"] is not None, "loading should have failed"

@@ -252,6 +252,12 @@ def _poison_update(monkeypatch, at_call: int):
     monkeypatch.setattr(train_mod, "make_optimizer", make)
 
 
+def _assert_kept_good_checkpoint(out_dir, step: int) -> None:
+    saved = load_checkpoint(out_dir / "ckpt.pt")
+    assert saved["step"] == step
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+
+
 def test_nonfinite_weights_are_never_checkpointed(corpus, tmp_path, monkeypatch):
     # Checkpoints at steps 2, 4, 6. The update of step 4 breaks the weights with a finite loss.
     _poison_update(monkeypatch, at_call=4)
@@ -261,9 +267,7 @@ def test_nonfinite_weights_are_never_checkpointed(corpus, tmp_path, monkeypatch)
     message = str(info.value)
     assert "step 4" in message and "not finite" in message
     assert "last good checkpoint" in message and "(step 2)" in message
-    saved = load_checkpoint(tmp_path / "ckpt.pt")
-    assert saved["step"] == 2
-    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+    _assert_kept_good_checkpoint(tmp_path, step=2)
 
 
 def test_a_huge_learning_rate_writes_no_checkpoint(corpus, tmp_path):
@@ -569,9 +573,7 @@ def test_a_checkpoint_by_the_clock_never_keeps_broken_weights(corpus, tmp_path, 
     message = str(info.value)
     assert "not finite" in message and "no checkpoint was written at step 6" in message
     assert "last good checkpoint" in message and "(step 3)" in message
-    saved = load_checkpoint(tmp_path / "ckpt.pt")
-    assert saved["step"] == 3
-    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+    _assert_kept_good_checkpoint(tmp_path, step=3)
 
 
 def test_finished_run_reports_the_test_split_next_to_xz(corpus, tmp_path, capsys):
