@@ -130,6 +130,7 @@ def exported_pair(n_layer: int, n_embd: int, vocab_size: int, PackageRWKV, tmp: 
 
     model = random_rwkv(n_layer, n_embd, vocab_size)
     vocab = ByteVocab.from_data(np.arange(vocab_size, dtype=np.uint8))
+    tmp = Path(tempfile.mkdtemp(dir=tmp))  # a folder per call: two rows may use one shape
     ckpt = tmp / f"L{n_layer}-C{n_embd}.pt"
     save_checkpoint(ckpt, model=model, optimizer=None, step=0, train_config={}, vocab=vocab)
     pth = export_rwkv_lm(ckpt, tmp / f"L{n_layer}-C{n_embd}.pth")

@@ -116,3 +116,19 @@ def test_rwkv_lm_kernel_flags_are_read_from_its_model_file(tmp_path):
     assert rwkv_lm.kernel_flags(tmp_path) == (["-O3", "--x 1", "-DTmax=512"], 512)
     (tmp_path / "COMMIT").write_text("abc123\n")
     assert rwkv_lm.commit(tmp_path) == "abc123"
+
+
+def test_cpu_benchmark_exports_the_same_shape_twice_in_one_run(tmp_path):
+    """The generation and prompt rows both export an L12-C512 model into the run's one
+    temporary folder: the second export must not find the first one's file in its way."""
+    bench = _script("cpu_bench")
+    loaded = []
+
+    class FakePackage:  # stands in for the rwkv package: records what it was asked to load
+        def __init__(self, path, strategy, verbose=False):
+            loaded.append(path)
+
+    for _ in range(2):
+        ours, _theirs = bench.exported_pair(1, 16, 32, FakePackage, tmp_path)
+        assert ours.config.n_layer == 1
+    assert len(loaded) == 2 and loaded[0] != loaded[1]
