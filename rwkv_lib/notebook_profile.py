@@ -114,7 +114,8 @@ def _run_record(ckpt_path: Path, ckpt: dict) -> dict:
     metrics_path = ckpt_path.parent / "metrics.json"
     final = json.loads(metrics_path.read_text())["final"] if metrics_path.is_file() else {}
     config = ckpt["train_config"]
-    return {**final, "step": ckpt["step"], "checkpoint": str(ckpt_path),
+    val = ckpt["metrics"].get("val") or [{"bpb": float("nan")}]
+    return {"val_bpb": val[-1]["bpb"], **final, "step": ckpt["step"], "checkpoint": str(ckpt_path),
             "metrics_path": str(metrics_path),
             "tokens": ckpt["step"] * config["batch_size"] * config["ctx_len"], "reused": True}
 
