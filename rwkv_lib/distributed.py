@@ -34,6 +34,7 @@ when training on CPUs. `dist_backend` in TrainConfig overrides the choice.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import socket
 import sys
@@ -267,6 +268,12 @@ def start(device: str = "auto", batch_size: int = 1, backend: str = "auto"
     here, problem = local_device(device, launch.local_rank, launch.local_world_size, cuda,
                                  torch.cuda.device_count() if cuda else 0)
     chosen, backend_problem = choose_backend(backend, here.type, dist.is_nccl_available())
+    # DistributedDataParallel imports torch._dynamo on first use. Imported after the group
+    # exists (torch 2.13), it keeps the group alive past destroy_process_group, and with it
+    # gloo's worker threads: one still freeing its last collective's tensor when the
+    # interpreter shuts down cannot take the GIL, and the process aborts after a finished
+    # run ("terminate called without an active exception"). Imported first, it does not.
+    importlib.import_module("torch._dynamo")
     # The ranks first meet over gloo, which every build has and which needs no GPU: a rank
     # that would start NCCL where another cannot must hear about it, not fail or hang.
     dist.init_process_group(backend="gloo")

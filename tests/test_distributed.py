@@ -443,6 +443,30 @@ def test_checkpoints_by_the_clock_and_the_test_split_under_torchrun(corpus, tmp_
     assert load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"] == STEPS
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names from /proc")
+def test_no_gloo_thread_outlives_the_run(corpus, tmp_path, no_torchrun):
+    """When train() returns, the process group is gone with its worker threads. A gloo
+    worker still alive when the interpreter shuts down can be finishing its last collective
+    then; it needs the GIL to free that collective's tensor, cannot have it any more, and
+    the process aborts ("terminate called without an active exception"), a failed job
+    after a finished run."""
+    script = tmp_path / "threads_driver.py"
+    script.write_text(textwrap.dedent("""\
+        import os, sys
+        import rwkv_lib.train as train
+        train.main(sys.argv[1:])
+        names = sorted(open(f"/proc/self/task/{t}/comm").read().strip()
+                       for t in os.listdir("/proc/self/task"))
+        print(f"rank {os.environ['RANK']} threads after the run: {names}", file=sys.stderr)
+        """))
+    result = torchrun(*cli(tiny(corpus, tmp_path / "run", max_steps=3)), script=script)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "threads after the run" in line]
+    assert len(lines) == 2, result.stderr
+    assert not [line for line in lines if "gloo" in line], lines
+
+
 def _worker_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error: ")]
 

@@ -521,6 +521,35 @@ def test_cpu_inner_loops_are_vectorized(target):
         assert vectorized & {line, line + 1}, f"the loop at wkv_cpu.cpp:{line} was not vectorized"
 
 
+def _cpu_has(flag: str) -> bool:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in line.split() for line in cpuinfo.splitlines() if line.startswith("flags"))
+
+
+def test_cpu_kernels_use_512_bit_vectors_where_the_processor_has_them():
+    """g++ tunes -march=native on many Intel processors to prefer 256-bit vectors even
+    where AVX-512 is there; the WKV loops are bound by exp and division, and 16 lanes
+    instead of 8 make them faster (benchmarks/cpu_bench.py, the wkv rows)."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not _cpu_has("avx512f"):
+        pytest.skip("needs an x86-64 processor with AVX-512")
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        pytest.skip(f"no C++ compiler {cxx!r}")
+    if "Free Software Foundation" not in subprocess.run([cxx, "--version"], capture_output=True,
+                                                        text=True).stdout:
+        pytest.skip("checked for g++ only")
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    cmd = [cxx, "-std=c++17", "-fPIC", *includes, *extension._cpu_flags(), "-S",
+           str(CUDA_DIR / "wkv_cpu.cpp"), "-o", "-"]
+    assembly = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert assembly.returncode == 0, assembly.stderr[-2000:]
+    assert "_ZGVeN16v_expf" in assembly.stdout, "exp is not called on 16 floats at a time"
+    assert re.search(r"%zmm\d+", assembly.stdout), "no 512-bit register is used"
+
+
 def _nvcc_or_skip() -> str:
     nvcc = shutil.which("nvcc") or extension._nvcc()
     if nvcc is None:
