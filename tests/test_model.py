@@ -140,6 +140,32 @@ def test_gpt_mode_with_state_continues_a_sequence():
     assert logits.shape == (3, 40)
 
 
+@pytest.mark.parametrize("backend", ["pytorch", "cpp"])
+def test_without_autograd_the_same_numbers(backend):
+    """Without autograd the model overwrites its own fresh intermediate tensors instead of
+    allocating new ones: the outputs and states stay bit for bit those of the
+    autograd path, and nothing the caller passed in changes. (RNN mode without autograd
+    has its own kernels, checked against GPT mode elsewhere.)"""
+    model = _model(torch.float32, backend=backend)
+    idx = torch.randint(0, 40, (3, 12), generator=torch.Generator().manual_seed(5))
+    given = model.init_state(3)
+    given[:, :4] = torch.randn(given[:, :4].shape, generator=torch.Generator().manual_seed(6))
+    kept = given.clone()
+    with torch.enable_grad():
+        logits, state = model(idx, state=given, return_state=True)
+    with torch.no_grad():
+        fast, fast_state = model(idx, state=given, return_state=True)
+    assert torch.equal(fast, logits.detach()) and torch.equal(fast_state, state.detach())
+    assert torch.equal(given, kept)  # the state passed in is left as it was
+    with torch.no_grad():
+        x = model.emb(idx)
+        before = x.clone()
+        block_out = model.blocks[0](x)
+    assert torch.equal(x, before)
+    with torch.enable_grad():
+        assert torch.equal(block_out, model.blocks[0](before).detach())
+
+
 def test_init_state_layout():
     model = _model(torch.float32)
     s = model.init_state(4)
