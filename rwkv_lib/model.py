@@ -61,16 +61,29 @@ class TokenShift(nn.Module):
         return torch.cat((prev.to(x.dtype).unsqueeze(1), x[:, :-1]), dim=1)
 
 
+# Without autograd no intermediate is kept for a backward pass, so the helpers below write
+# into a fresh tensor (one the caller made for them, or their own product) instead of
+# allocating a new one: the same numbers bit for bit, and on a long prompt the allocations
+# of (B, T, 4C) buffers cost more time than the arithmetic.
+
 def mix(x: torch.Tensor, xx: torch.Tensor, mix_weight: torch.Tensor) -> torch.Tensor:
     """Per channel, interpolate between the current token and the previous one."""
     m = mix_weight.reshape(-1)  # stored as (1, 1, C); flat, it broadcasts over (B, C) too
     if torch.is_grad_enabled():
         return x * m + xx * (1 - m)
-    return (x * m).add_(xx * (1 - m))  # the same sum, one buffer fewer (see ChannelMix._mlp)
+    return (x * m).add_(xx * (1 - m))  # the same sum, one buffer fewer
+
+
+def sigmoid_of_fresh(r: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(r) if torch.is_grad_enabled() else torch.sigmoid_(r)
+
+
+def squared_relu_of_fresh(k: torch.Tensor) -> torch.Tensor:
+    return torch.square(torch.relu(k)) if torch.is_grad_enabled() else torch.relu_(k).square_()
 
 
 def gate(r: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """r * y; without autograd into r's buffer (r is a fresh tensor here), the same numbers."""
+    """r * y, where r is fresh."""
     return r * y if torch.is_grad_enabled() else r.mul_(y)
 
 
@@ -95,8 +108,7 @@ class TimeMix(nn.Module):
     def _kvr(self, x: torch.Tensor, xx: torch.Tensor):
         k = self.key(mix(x, xx, self.time_mix_k))
         v = self.value(mix(x, xx, self.time_mix_v))
-        r = self.receptance(mix(x, xx, self.time_mix_r))
-        r = torch.sigmoid(r) if torch.is_grad_enabled() else torch.sigmoid_(r)
+        r = sigmoid_of_fresh(self.receptance(mix(x, xx, self.time_mix_r)))
         return k, v, r
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
@@ -145,14 +157,9 @@ class ChannelMix(nn.Module):
         self.value = nn.Linear(4 * C, C, bias=False)
 
     def _mlp(self, x: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
-        k = self.key(mix(x, xx, self.time_mix_k))
-        r = self.receptance(mix(x, xx, self.time_mix_r))
-        if torch.is_grad_enabled():
-            return torch.sigmoid(r) * self.value(torch.square(torch.relu(k)))
-        # Without autograd the fresh products may be overwritten: the same numbers, without
-        # new buffers (of (B, T, 4C) floats for k), which on a long prompt cost more time
-        # than the arithmetic.
-        return torch.sigmoid_(r).mul_(self.value(torch.relu_(k).square_()))
+        k = squared_relu_of_fresh(self.key(mix(x, xx, self.time_mix_k)))
+        r = sigmoid_of_fresh(self.receptance(mix(x, xx, self.time_mix_r)))
+        return gate(r, self.value(k))
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
         if state is None:

@@ -490,18 +490,23 @@ def test_build_failure_raises_extension_unavailable(tmp_path, cxx, expected):
     assert any("unavailable" in w for w in result["warnings"]), result["warnings"]
 
 
+def _gxx_or_skip() -> str:
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        pytest.skip(f"no C++ compiler {cxx!r}")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    if "Free Software Foundation" not in version:
+        pytest.skip("the compiler's vector code is checked for g++ only")
+    return cxx
+
+
 @pytest.mark.parametrize("target", ["build flags", "x86-64-v3", "x86-64"])
 def test_cpu_inner_loops_are_vectorized(target):
     """g++ must turn every `#pragma omp simd` channel loop of wkv_cpu.cpp into SIMD code:
     with the flags of the build, and for AVX2 and plain SSE2 targets on x86-64."""
     if target != "build flags" and platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("x86-64 targets")
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None:
-        pytest.skip(f"no C++ compiler {cxx!r}")
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    if "Free Software Foundation" not in version:
-        pytest.skip("the vectorization report is checked for g++ only")
+    cxx = _gxx_or_skip()
     source = CUDA_DIR / "wkv_cpu.cpp"
     lines = source.read_text().splitlines()
     # 1-based number of the `for` line after each pragma
@@ -521,26 +526,14 @@ def test_cpu_inner_loops_are_vectorized(target):
         assert vectorized & {line, line + 1}, f"the loop at wkv_cpu.cpp:{line} was not vectorized"
 
 
-def _cpu_has(flag: str) -> bool:
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in line.split() for line in cpuinfo.splitlines() if line.startswith("flags"))
-
-
 def test_cpu_kernels_use_512_bit_vectors_where_the_processor_has_them():
     """g++ tunes -march=native on many Intel processors to prefer 256-bit vectors even
     where AVX-512 is there; the WKV loops are bound by exp and division, and 16 lanes
     instead of 8 make them faster (benchmarks/cpu_bench.py, the wkv rows)."""
-    if platform.machine().lower() not in ("x86_64", "amd64") or not _cpu_has("avx512f"):
+    if platform.machine().lower() not in ("x86_64", "amd64") or \
+            "avx512f" not in extension._cpu_identity().split():
         pytest.skip("needs an x86-64 processor with AVX-512")
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None:
-        pytest.skip(f"no C++ compiler {cxx!r}")
-    if "Free Software Foundation" not in subprocess.run([cxx, "--version"], capture_output=True,
-                                                        text=True).stdout:
-        pytest.skip("checked for g++ only")
+    cxx = _gxx_or_skip()
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     cmd = [cxx, "-std=c++17", "-fPIC", *includes, *extension._cpu_flags(), "-S",
            str(CUDA_DIR / "wkv_cpu.cpp"), "-o", "-"]
