@@ -68,6 +68,22 @@ int64_t forward_block(int64_t B, int64_t C) {
 
 #define WKV_RESTRICT __restrict__
 
+// A block reads (and writes) n contiguous channels of a row at each time step, C floats
+// apart: a new 4 KB page every few steps, where the hardware prefetchers stop. Fetching
+// the block's data kPrefetchSteps steps ahead took the forward pass at (16, 1024, 512)
+// from 1.3 to 0.8 ns per element on the 2-core development machine.
+constexpr int64_t kPrefetchSteps = 8;
+
+template <typename F>
+inline void prefetch_block(int64_t n, const F* x) {
+    for (int64_t c = 0; c < n; c += 64 / sizeof(F)) __builtin_prefetch(x + c);
+}
+
+template <typename F>
+inline void prefetch_block_for_writing(int64_t n, const F* x) {
+    for (int64_t c = 0; c < n; c += 64 / sizeof(F)) __builtin_prefetch(x + c, 1);
+}
+
 // One time step of the forward pass for n contiguous channels.
 template <typename F>
 inline void forward_channels(int64_t n, const F* WKV_RESTRICT w, const F* WKV_RESTRICT u,
@@ -178,6 +194,12 @@ void forward_impl(int64_t B, int64_t T, int64_t C, const F* w, const F* u, const
                    b, p);
         for (int64_t t = 0; t < T; ++t) {
             const int64_t i = (row * T + t) * C + c0;  // offset in (B, T, C) arrays
+            if (t + kPrefetchSteps < T) {
+                const int64_t ahead = i + kPrefetchSteps * C;
+                prefetch_block(n, k + ahead);
+                prefetch_block(n, v + ahead);
+                prefetch_block_for_writing(n, y + ahead);
+            }
             forward_channels(n, w + c0, u + c0, k + i, v + i, y + i, a, b, p);
         }
         std::copy(a, a + n, aT + s);
@@ -202,6 +224,10 @@ void backward_blocks(int64_t B, int64_t T, int64_t C, const F* w, const F* u, co
                    b, p);
         for (int64_t t = 0; t < T; ++t) {
             const int64_t i = (row * T + t) * C + c0;
+            if (t + kPrefetchSteps < T) {
+                prefetch_block(n, k + i + kPrefetchSteps * C);
+                prefetch_block(n, v + i + kPrefetchSteps * C);
+            }
             F* st = saved + 3 * kBlock * t;  // a, b, p before token t
             save_and_update_channels(n, w + c0, k + i, v + i, a, b, p, st, st + kBlock,
                                      st + 2 * kBlock);
@@ -218,6 +244,14 @@ void backward_blocks(int64_t B, int64_t T, int64_t C, const F* w, const F* u, co
         bool carry_p = any_nonzero(n, gp);
         for (int64_t t = T - 1; t >= 0; --t) {
             const int64_t i = (row * T + t) * C + c0;
+            if (t >= kPrefetchSteps) {
+                const int64_t ahead = i - kPrefetchSteps * C;  // ahead in reverse time
+                prefetch_block(n, k + ahead);
+                prefetch_block(n, v + ahead);
+                prefetch_block(n, gy + ahead);
+                prefetch_block_for_writing(n, gk + ahead);
+                prefetch_block_for_writing(n, gv + ahead);
+            }
             const F* st = saved + 3 * kBlock * t;
             if (carry_p) {
                 backward_channels<true>(n, w + c0, u + c0, k + i, v + i, gy + i, st,

@@ -2,7 +2,9 @@
 //
 // This header is the single definition of the arithmetic: the CPU kernels (wkv_cpu.cpp,
 // compiled by the host C++ compiler) and the CUDA kernels (wkv_cuda.cu, compiled by nvcc)
-// both call these functions, so the CPU tests check exactly the math the GPU runs.
+// both call these functions, so the CPU tests check the math the GPU runs. One part
+// differs by platform: the exponential of wkv_rescale, CUDA's expf on the GPU and an
+// inlined polynomial on the CPU (wkv_exp_nonpositive), both within 2 ulp of e^x.
 //
 // Notation (docs/rwkv4.md, section 7): w = -exp(time_decay) < 0, u = time_first. The sums
 // of the past are kept as numerator A = a*e^p and denominator B = b*e^p, so that a and b
@@ -50,6 +52,40 @@
 WKV_HD float wkv_exp(float x) { return expf(x); }
 WKV_HD double wkv_exp(double x) { return exp(x); }
 
+// e^x for x <= 0, the only exponential the recurrence itself takes (wkv_rescale).
+#ifdef __CUDACC__
+WKV_HD float wkv_exp_nonpositive(float x) { return expf(x); }
+#else
+// On the CPU, written out so that it is inlined into the vectorized channel loops.
+// A call to glibc's vector expf costs more than the arithmetic: the call saves and
+// restores the loop's vector registers, and an argument below about -87 (the empty
+// state's p = -1e38 at the first token) sends its whole vector down a scalar path.
+// Range reduction x = n ln2 + r, |r| <= ln2/2, and the polynomial of Cephes' expf
+// (relative error below 2 ulp, tests/test_extension.py). Below -87 the result
+// (< 1.7e-38, about 2^-125) is returned as 0: no subnormal numbers enter the sums, whose
+// other term is at least 1 (one weight of wkv_rescale is exactly 1).
+inline float wkv_exp_nonpositive(float x) {
+    const bool tiny = x < -87.0f;
+    const float xc = tiny ? -87.0f : x;
+    // round x / ln2 to the nearest integer: adding and subtracting 1.5 * 2^23 does it in
+    // round-to-nearest arithmetic (the code is not compiled with -ffast-math)
+    const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, two parts
+    float q = 1.9875691500e-4f;
+    q = q * r + 1.3981999507e-3f;
+    q = q * r + 8.3334519073e-3f;
+    q = q * r + 4.1665795894e-2f;
+    q = q * r + 1.6666665459e-1f;
+    q = q * r + 5.0000001201e-1f;
+    const float poly = (q * r) * r + r + 1.0f;
+    const int bits = (static_cast<int>(n) + 127) << 23;  // 2^n, n in [-126, 0]
+    float scale;
+    __builtin_memcpy(&scale, &bits, sizeof(scale));
+    return tiny ? 0.0f : poly * scale;
+}
+#endif
+WKV_HD double wkv_exp_nonpositive(double x) { return exp(x); }
+
 // Two terms e^x and e^y, rescaled by the larger: m = max(x, y), ex = e^{x-m}, ey = e^{y-m}.
 // One of ex, ey is exactly 1, so a single exp of -|x-y| gives both. Written with
 // selects rather than branches (and without fmaxf, whose NaN rules stop g++ from
@@ -58,7 +94,7 @@ template <typename F>
 WKV_HD void wkv_rescale(F x, F y, F& m, F& ex, F& ey) {
     const F d = x - y;
     const bool x_larger = d >= F(0);
-    const F e = wkv_exp(x_larger ? -d : d);
+    const F e = wkv_exp_nonpositive(x_larger ? -d : d);
     m = x_larger ? x : y;
     ex = x_larger ? F(1) : e;
     ey = x_larger ? e : F(1);

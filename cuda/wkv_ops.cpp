@@ -14,6 +14,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -154,7 +156,19 @@ Tensor prepared(const OptTensor& t, at::ScalarType dtype) {
 // w = -exp(time_decay), kept finite: a huge time_decay then means "forget everything"
 // instead of producing inf (and 0 * inf = NaN in the gradient).
 Tensor decay_from(const Tensor& time_decay, at::ScalarType dtype) {
-    return -at::exp(time_decay.to(dtype)).clamp_max(1e38).contiguous();
+    if (!time_decay.is_cpu()) return -at::exp(time_decay.to(dtype)).clamp_max(1e38).contiguous();
+    // On the CPU a plain loop over the C channels: at::exp, clamp_max and neg are three
+    // dispatched ops, and at::exp starts a threaded vector-math call, together ~30 us at
+    // C = 512, a tenth of a whole forward call at (4, 256, 512).
+    const Tensor td = prepared(time_decay, dtype);
+    Tensor w = at::empty_like(td);
+    AT_DISPATCH_FLOATING_TYPES(dtype, "decay_from", [&] {
+        const scalar_t* src = td.data_ptr<scalar_t>();
+        scalar_t* dst = w.data_ptr<scalar_t>();
+        for (int64_t c = 0; c < td.numel(); ++c)  // std::min keeps a NaN, as clamp_max does
+            dst[c] = -std::min<scalar_t>(std::exp(src[c]), scalar_t(1e38));
+    });
+    return w;
 }
 
 #ifdef WITH_CUDA

@@ -282,7 +282,27 @@ def make_optimizer(model: RWKV, config: TrainConfig) -> torch.optim.Optimizer:
     others = [p for p in model.parameters() if id(p) not in linear]
     groups = [{"params": matrices, "weight_decay": config.weight_decay},
               {"params": others, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr_init, betas=config.betas, eps=config.eps)
+    # torch's fused AdamW, where it runs (CPU and CUDA): one kernel over all the tensors
+    # instead of a dozen small ops per tensor, 4x faster on the CPU (L4-C128: 3.2 ms ->
+    # 0.75 ms a step; L12-C512: 123 -> 30 ms). The same update, rounded differently.
+    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
+    return torch.optim.AdamW(groups, lr=config.lr_init, betas=config.betas, eps=config.eps,
+                             **({"fused": True} if fused else {}))
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a checkpoint's optimizer state, keeping this optimizer's implementation:
+    load_state_dict would also take the saved groups' fused/foreach flags (a checkpoint of
+    an older rwkv_lib, with the per-tensor AdamW, would turn fused off)."""
+    chosen = [(g.get("fused"), g.get("foreach")) for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, (fused, foreach) in zip(optimizer.param_groups, chosen, strict=True):
+        group["fused"], group["foreach"] = fused, foreach
+        if fused:  # the fused kernel keeps the step count as a float32 on the parameter's device
+            for p in group["params"]:
+                st = optimizer.state.get(p, {})
+                if "step" in st:
+                    st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -494,7 +514,7 @@ def _train(config: TrainConfig, ctx: distributed.Context, resume: bool,
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         try:
-            optimizer.load_state_dict(ckpt["optimizer"])
+            load_optimizer_state(optimizer, ckpt["optimizer"])
         except ValueError as err:  # other parameter groups: an older rwkv_lib wrote it
             raise CheckpointError(
                 f"{ckpt_path}: its optimizer state does not fit this rwkv_lib's parameter "

@@ -120,5 +120,9 @@ def wkv_extension(
         _check_device(k, load_wkv_extension())
     check_state_types(state, "wkv_extension")
     state_a, state_b, state_p = (None, None, None) if state is None else state
-    y, a, b, p = _WKVFunction.apply(time_decay, time_first, k, v, state_a, state_b, state_p)
+    inputs = (time_decay, time_first, k, v, state_a, state_b, state_p)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        y, a, b, p = _WKVFunction.apply(*inputs)
+    else:  # nothing to differentiate: the op itself, without autograd's bookkeeping
+        y, a, b, p = torch.ops.rwkv.wkv_forward(*inputs)
     return (y, (a, b, p)) if return_state else y

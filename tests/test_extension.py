@@ -300,6 +300,23 @@ def test_state_convention_matches_pytorch_backend(ext):
                                atol=1e-6)
 
 
+def test_without_gradients_the_same_result_and_no_graph(ext):
+    """With nothing to differentiate (no_grad, or no input that requires grad) the op is
+    called without the autograd Function: the same numbers, and no graph."""
+    td, tf, k, v = make_inputs(2, 7, 5)
+    state = tuple(t.clone() for t in wkv_extension(td, tf, k, v, return_state=True)[1])
+    leaves = [t.clone().requires_grad_() for t in (td, tf, k, v)]
+    y, s = wkv_extension(*leaves, state=state, return_state=True)
+    assert y.grad_fn is not None and all(t.grad_fn is not None for t in s)
+    with torch.no_grad():
+        y_no_grad, s_no_grad = wkv_extension(*leaves, state=state, return_state=True)
+    y_plain, s_plain = wkv_extension(td, tf, k, v, state=state, return_state=True)
+    for got in (y_no_grad, *s_no_grad, y_plain, *s_plain):
+        assert got.grad_fn is None and not got.requires_grad
+    for a, b, c in zip((y, *s), (y_no_grad, *s_no_grad), (y_plain, *s_plain), strict=True):
+        assert torch.equal(a.detach(), b) and torch.equal(a.detach(), c)
+
+
 def test_torch_ops_and_pybind_functions_agree(ext):
     td, tf, k, v = make_inputs(2, 5, 4)
     via_ops = torch.ops.rwkv.wkv_forward(td, tf, k, v)
@@ -533,14 +550,91 @@ def test_cpu_kernels_use_512_bit_vectors_where_the_processor_has_them():
     if platform.machine().lower() not in ("x86_64", "amd64") or \
             "avx512f" not in extension._cpu_identity().split():
         pytest.skip("needs an x86-64 processor with AVX-512")
+    assembly = _cpu_assembly(CUDA_DIR / "wkv_cpu.cpp")
+    assert re.search(r"%zmm\d+", assembly), "no 512-bit register is used"
+
+
+def test_cpu_kernels_compute_exp_inline():
+    """The exponential of the recurrence is inlined into the vector loops: no call to
+    expf or to one of its vector variants (a call saves and restores the loop's vector
+    registers, and its out-of-range path made the first token of every sequence slow).
+    The float64 kernels, there for gradcheck, keep glibc's exp."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("x86-64 assembly")
+    assembly = _cpu_assembly(CUDA_DIR / "wkv_cpu.cpp")
+    calls = re.findall(r"\bcall\s+(\S*expf\b\S*)", assembly)
+    assert not calls, f"wkv_cpu.cpp still calls {sorted(set(calls))}"
+
+
+def _cpu_assembly(source: Path) -> str:
     cxx = _gxx_or_skip()
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     cmd = [cxx, "-std=c++17", "-fPIC", *includes, *extension._cpu_flags(), "-S",
-           str(CUDA_DIR / "wkv_cpu.cpp"), "-o", "-"]
+           str(source), "-o", "-"]
     assembly = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert assembly.returncode == 0, assembly.stderr[-2000:]
-    assert "_ZGVeN16v_expf" in assembly.stdout, "exp is not called on 16 floats at a time"
-    assert re.search(r"%zmm\d+", assembly.stdout), "no 512-bit register is used"
+    return assembly.stdout
+
+
+_EXP_PROGRAM = r"""
+#include <cmath>
+#include <cstdio>
+#include "wkv_math.h"
+// Every STRIDE-th float from 0 down to -88, through the vectorized loop of the build flags.
+int main() {
+    const long n = 1L << 21;
+    static float x[1L << 21], y[1L << 21];
+    float worst = 0.0f, worst_at = 0.0f;
+    long nonzero_below = 0, count = 0;
+    for (float start = 0.0f; start > -88.0f; ) {
+        long m = 0;
+        for (; m < n && start > -88.0f; ++m) {
+            x[m] = start;
+            for (int s = 0; s < STRIDE; ++s) start = std::nextafter(start, -100.0f);
+        }
+#pragma omp simd
+        for (long i = 0; i < m; ++i) y[i] = wkv_exp_nonpositive(x[i]);
+        for (long i = 0; i < m; ++i) {
+            ++count;
+            if (x[i] < -87.0f) { nonzero_below += y[i] != 0.0f; continue; }
+            const double ref = std::exp(static_cast<double>(x[i]));
+            const float rf = static_cast<float>(ref);
+            const double ulp = std::nextafter(rf, INFINITY) - rf;
+            const float err = static_cast<float>(std::fabs(y[i] - ref) / ulp);
+            if (err > worst) { worst = err; worst_at = x[i]; }
+        }
+    }
+    x[0] = 0.0f; x[1] = -INFINITY; x[2] = NAN; x[3] = -1e38f;
+    for (int i = 0; i < 4; ++i) y[i] = wkv_exp_nonpositive(x[i]);
+    std::printf("%ld %.4f %.9g %ld %.9g %.9g %.9g %.9g\n", count, worst, worst_at,
+                nonzero_below, y[0], y[1], y[2], y[3]);
+}
+"""
+
+
+def test_cpu_exp_is_within_two_ulp(tmp_path):
+    """The CPU kernels' own e^x (cuda/wkv_math.h) against exp in double precision over
+    [-87, 0] (about 1.6 million floats, compiled with the build's flags, vectorized as in
+    the kernels); 0 below -87 (results under 2^-125 carry nothing into sums of at least 1),
+    exactly 1 at 0, NaN for NaN."""
+    cxx = _gxx_or_skip()
+    source = tmp_path / "exp_check.cpp"
+    source.write_text(_EXP_PROGRAM)
+    program = tmp_path / "exp_check"
+    flags = [f for f in extension._cpu_flags() if f != "-fopenmp"] + ["-fopenmp-simd"]
+    build = subprocess.run([cxx, "-std=c++17", "-O3", *flags, f"-I{CUDA_DIR}", "-DSTRIDE=677",
+                            str(source), "-o", str(program)], capture_output=True, text=True,
+                           timeout=300)
+    assert build.returncode == 0, build.stderr[-2000:]
+    out = subprocess.run([str(program)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    count, worst, worst_at, nonzero_below, at0, at_minf, at_nan, at_empty = \
+        out.stdout.split()
+    assert int(count) > 1_500_000
+    assert float(worst) <= 2.0, f"{worst} ulp at x = {worst_at}"
+    assert int(nonzero_below) == 0
+    assert float(at0) == 1.0 and float(at_minf) == 0.0 and float(at_empty) == 0.0
+    assert at_nan.lower() in ("nan", "-nan")
 
 
 def _nvcc_or_skip() -> str:

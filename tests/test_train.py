@@ -489,6 +489,44 @@ def test_weight_decay_applies_to_the_linear_layers_only():
     assert len(every) == len(set(map(id, every))) == len(list(model.parameters()))
 
 
+def test_the_optimizer_is_torchs_fused_adamw_on_the_cpu():
+    from rwkv_lib.model import RWKV, RWKVConfig
+
+    model = RWKV(RWKVConfig(vocab_size=11, n_layer=2, n_embd=8))
+    optimizer = train_mod.make_optimizer(model, get_config("ci"))
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert all(g["fused"] is True for g in optimizer.param_groups)
+
+
+def test_a_checkpoint_of_the_per_tensor_adamw_resumes_fused():
+    """A checkpoint written by an older rwkv_lib (AdamW without fused) resumes with the
+    fused optimizer and the saved moments, and takes steps."""
+    from rwkv_lib.model import RWKV, RWKVConfig
+
+    torch.manual_seed(0)
+    model = RWKV(RWKVConfig(vocab_size=11, n_layer=2, n_embd=8))
+    old = train_mod.make_optimizer(model, get_config("ci"))
+    for g in old.param_groups:
+        g["fused"] = None  # as before: torch's default, one tensor at a time
+    x = torch.randint(0, 11, (2, 5))
+    for _ in range(2):
+        old.zero_grad()
+        model(x).square().mean().backward()
+        old.step()
+    saved = old.state_dict()
+    resumed = train_mod.make_optimizer(model, get_config("ci"))
+    train_mod.load_optimizer_state(resumed, saved)
+    assert all(g["fused"] is True for g in resumed.param_groups)
+    for p in model.parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(resumed.state[p][key], old.state[p][key])
+        assert resumed.state[p]["step"].item() == 2
+    resumed.zero_grad()
+    model(x).square().mean().backward()
+    resumed.step()
+    assert all(resumed.state[p]["step"].item() == 3 for p in model.parameters())
+
+
 # --- the laptop preset, time-based checkpoints, the end-of-run test evaluation ---------
 
 def test_laptop_preset_is_the_chosen_sweep_point():
