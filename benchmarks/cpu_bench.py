@@ -1,7 +1,7 @@
 """RWKV-4 on the CPU against its peers, side by side in one process: one table.
 
-    python benchmarks/cpu_bench.py --nanogpt PATH           # full run (about 15 minutes)
-    python benchmarks/cpu_bench.py --nanogpt PATH --quick   # fewer repetitions (~3 minutes)
+    python benchmarks/cpu_bench.py --nanogpt PATH           # full run (about 2 minutes)
+    python benchmarks/cpu_bench.py --nanogpt PATH --quick   # fewer repetitions (~1 minute)
     python benchmarks/cpu_bench.py --only gen,bw --json out.json
 
 Peers (not dependencies of the project; install them to run this):
@@ -20,6 +20,9 @@ Rows (sections, for --only):
 - train: training tokens per second of one optimizer step (forward, cross-entropy,
   backward, gradient clipping, AdamW), ours eager and with torch.compile, against nanoGPT
   eager and compiled, at equal parameter counts.
+- opt: one AdamW step on the weights of our L4-C128 and L12-C512 models: torch's
+  one-tensor-at-a-time implementation (what nanoGPT's configure_optimizers gets on a CPU,
+  and rwkv_lib.train used before) against fused=True (what make_optimizer builds).
 - wkv: the C++ WKV operator against the PyTorch recurrence at (4, 256, 512).
 - bw: the memory bandwidth of this machine (large copies and a large read), and the share
   of the read bandwidth the L12-C512 generation step achieves: each token reads every
@@ -52,7 +55,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # wkv_bench, beside this file
 
-SECTIONS = ("gen", "prompt", "train", "wkv", "bw")
+SECTIONS = ("gen", "prompt", "train", "opt", "wkv", "bw")
 
 
 def fail(message: str) -> None:
@@ -340,6 +343,27 @@ def bench_training(args, gpt) -> dict:
             **{f"{k}_first_step_s": v for k, v in compile_s.items()}}
 
 
+def bench_optimizer(args) -> list[dict]:
+    from rwkv_lib.train import TrainConfig, make_optimizer
+
+    rows = []
+    for n_layer, n_embd in ((4, 128), (12, 512)):
+        model = random_rwkv(n_layer, n_embd, args.vocab).train()
+        g = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g) * 1e-3
+        fused = make_optimizer(model, TrainConfig(lr_init=1e-3))
+        per_tensor = make_optimizer(model, TrainConfig(lr_init=1e-3))
+        for group in per_tensor.param_groups:
+            group["fused"] = None  # torch's default for CPU tensors: one tensor at a time
+        t = side_by_side({"per_tensor": per_tensor.step, "fused": fused.step},
+                         reps=args.reps)
+        rows.append({"model": f"L{n_layer}-C{n_embd}",
+                     "tensors": len(list(model.parameters())),
+                     "per_tensor_ms": t["per_tensor"] * 1e3, "fused_ms": t["fused"] * 1e3})
+    return rows
+
+
 def bench_wkv(args) -> dict:
     import wkv_bench
 
@@ -398,6 +422,11 @@ def table(results: dict) -> str:
         rows.append(f"| torch.compile, first step (compiling), s | "
                     f"{t['ours_compiled_first_step_s']:.1f} | "
                     f"{t['nanogpt_compiled_first_step_s']:.1f} | - |")
+    for o in results.get("opt", []):
+        rows.append(f"| AdamW step, {o['model']} ({o['tensors']} tensors), ms: fused (ours) vs "
+                    f"one tensor at a time (nanoGPT's on a CPU) | {o['fused_ms']:.2f} | "
+                    f"{o['per_tensor_ms']:.2f} | {o['per_tensor_ms'] / o['fused_ms']:.2f}x "
+                    f"faster |")
     if "wkv" in results:
         for pass_name, w in results["wkv"].items():
             rows.append(f"| WKV op {pass_name} at (4, 256, 512), ms (C++: "
@@ -457,6 +486,8 @@ def main() -> None:
                 results["prompt"] = bench_prompt(args, PackageRWKV, Path(tmp))
             elif section == "train":
                 results["train"] = bench_training(args, gpt)
+            elif section == "opt":
+                results["opt"] = bench_optimizer(args)
             elif section == "wkv":
                 results["wkv"] = bench_wkv(args)
             print(f"  {section}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)

@@ -8,11 +8,17 @@
 //
 // What makes g++ 12 vectorize it (checked with -fopt-info-vec-optimized, and by
 // tests/test_extension.py):
-// - expf must have a SIMD variant. glibc's libmvec has them (_ZGVbN4v_expf for SSE,
-//   _ZGVdN8v_expf for AVX2, _ZGVeN16v_expf for AVX-512), but <math.h> only declares them
-//   under __FAST_MATH__, i.e. with -ffast-math. Rather than -ffast-math (which also lets the
-//   compiler assume no inf/NaN and reorder sums), we declare the SIMD variants ourselves
-//   below and compile with -fno-math-errno (a call that may set errno is not vectorized).
+// - exp: in the float kernels the recurrence's only exponential is wkv_exp_nonpositive
+//   (wkv_math.h), plain arithmetic that is inlined into the loop. It replaced calls to
+//   glibc's vector expf, which save and restore the loop's vector registers around every
+//   call and send a whole vector down a scalar path when one argument is below about -87
+//   (every first token, whose past is the empty state): kernels alone at (4, 256, 512) on
+//   the 2-core Intel Xeon of the development machine, forward 0.88 -> 0.58 ns per element
+//   and backward 1.95 -> 1.3. The float64 kernels (for gradcheck) still call exp, whose
+//   SIMD variants glibc's libmvec has (_ZGVdN4v_exp for AVX2, _ZGVeN8v_exp for AVX-512);
+//   <math.h> declares them only under -ffast-math (which would also let the compiler
+//   assume no inf/NaN and reorder sums), so they are declared below, and the build uses
+//   -fno-math-errno (a call that may set errno is not vectorized).
 // - no fmaxf: without -ffinite-math-only its NaN rules block vectorization; the header
 //   uses a compare-and-select max instead.
 // - -fno-trapping-math: otherwise g++ keeps the compare-and-selects as branches ("control
@@ -21,13 +27,11 @@
 //   vectors instead of the 128-bit SSE2 baseline.
 // - 512-bit vectors where there is AVX-512: g++ 12 tunes -march=native on many Intel
 //   processors to prefer 256-bit vectors even then. The pragma below asks for 512 in this
-//   file only. On the 2-core Intel Xeon of the development machine it took the forward
-//   pass at (4, 256, 512) from 1.04-1.10 to 0.78-0.83 ns per element and forward+backward
-//   from 3.4-3.5 to 2.6 (kernels alone, three alternating runs each), while the one-token
-//   step of rwkv_step_cpu.cpp, all overhead at small sizes, was ~10% slower with 512: it
-//   keeps the default.
-// Forward pass on one Zen 4 (EPYC) core at (B, T, C) = (4, 256, 512), ns per element: 1.1 with
-// AVX-512, 2.0 with AVX2, 4.0 with SSE2, 13 when expf stays scalar.
+//   file only. On the same Intel Xeon it took the forward pass at (4, 256, 512) from
+//   1.04-1.10 to 0.78-0.83 ns per element and forward+backward from 3.4-3.5 to 2.6 (kernels
+//   alone, three alternating runs each, with glibc's expf), while the one-token step of
+//   rwkv_step_cpu.cpp, all overhead at small sizes, was ~10% slower with 512: it keeps
+//   the default.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -37,7 +41,6 @@
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__) && \
     !defined(__FAST_MATH__)
-extern "C" float expf(float) noexcept __attribute__((__simd__("notinbranch")));
 extern "C" double exp(double) noexcept __attribute__((__simd__("notinbranch")));
 #endif
 

@@ -39,6 +39,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstring>
 
 #ifdef __CUDACC__
 #define WKV_HD __host__ __device__ __forceinline__
@@ -80,7 +81,7 @@ inline float wkv_exp_nonpositive(float x) {
     const float poly = (q * r) * r + r + 1.0f;
     const int bits = (static_cast<int>(n) + 127) << 23;  // 2^n, n in [-126, 0]
     float scale;
-    __builtin_memcpy(&scale, &bits, sizeof(scale));
+    std::memcpy(&scale, &bits, sizeof(scale));  // the bits as a float (compiled to a move)
     return tiny ? 0.0f : poly * scale;
 }
 #endif

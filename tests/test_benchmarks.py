@@ -132,3 +132,16 @@ def test_cpu_benchmark_exports_the_same_shape_twice_in_one_run(tmp_path):
         ours, _theirs = bench.exported_pair(1, 16, 32, FakePackage, tmp_path)
         assert ours.config.n_layer == 1
     assert len(loaded) == 2 and loaded[0] != loaded[1]
+
+
+def test_cpu_benchmark_optimizer_rows_compare_fused_with_one_tensor_at_a_time():
+    """The opt section steps the same weights with the fused AdamW make_optimizer builds
+    and with torch's per-tensor one, and its table rows name both."""
+    import argparse
+
+    bench = _script("cpu_bench")
+    rows = bench.bench_optimizer(argparse.Namespace(vocab=256, reps=1))
+    assert [r["model"] for r in rows] == ["L4-C128", "L12-C512"]
+    assert all(r["fused_ms"] > 0 and r["per_tensor_ms"] > 0 for r in rows)
+    table = bench.table({"opt": rows})
+    assert table.count("AdamW step") == 2 and "one tensor at a time" in table
