@@ -228,8 +228,9 @@ void backward_blocks(int64_t B, int64_t T, int64_t C, const F* w, const F* u, co
         for (int64_t t = 0; t < T; ++t) {
             const int64_t i = (row * T + t) * C + c0;
             if (t + kPrefetchSteps < T) {
-                prefetch_block(n, k + i + kPrefetchSteps * C);
-                prefetch_block(n, v + i + kPrefetchSteps * C);
+                const int64_t ahead = i + kPrefetchSteps * C;
+                prefetch_block(n, k + ahead);
+                prefetch_block(n, v + ahead);
             }
             F* st = saved + 3 * kBlock * t;  // a, b, p before token t
             save_and_update_channels(n, w + c0, k + i, v + i, a, b, p, st, st + kBlock,

@@ -283,8 +283,8 @@ def make_optimizer(model: RWKV, config: TrainConfig) -> torch.optim.Optimizer:
     groups = [{"params": matrices, "weight_decay": config.weight_decay},
               {"params": others, "weight_decay": 0.0}]
     # torch's fused AdamW, where it runs (CPU and CUDA): one kernel over all the tensors
-    # instead of a dozen small ops per tensor, 4x faster on the CPU (L4-C128: 3.2 ms ->
-    # 0.75 ms a step; L12-C512: 123 -> 30 ms). The same update, rounded differently.
+    # instead of a dozen small ops per tensor, about 4x faster a step on the CPU (the opt
+    # rows of benchmarks/cpu_bench.py). The same update, rounded differently.
     fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
     return torch.optim.AdamW(groups, lr=config.lr_init, betas=config.betas, eps=config.eps,
                              **({"fused": True} if fused else {}))
