@@ -17,6 +17,9 @@ Rows (sections, for --only):
   compared first (max abs difference after a few tokens).
 - prompt: a 512-token prompt in GPT mode (ours: `model(prompt, return_state=True)`, the
   package: forward() on the token list), then one RNN step from the state it returned.
+  Also the prompt's matrix products alone, through torch's BLAS (what both use) and,
+  where PyTorch has it, through oneDNN's float32 matmul: each bounds what a float32
+  implementation on that library can gain on the package.
 - train: training tokens per second of one optimizer step (forward, cross-entropy,
   backward, gradient clipping, AdamW), ours eager and with torch.compile, against nanoGPT
   eager and compiled, at equal parameter counts.
@@ -249,8 +252,18 @@ def bench_prompt(args, PackageRWKV, tmp: Path) -> dict:
                 F.linear(x if w.shape[1] == 512 else h, w)
 
     h = torch.randn(512, 2048)
-    t = side_by_side({"ours": ours_prompt, "rwkv_pkg": lambda: theirs.forward(ids, None),
-                      "products": products_only}, reps=max(3, args.reps // 2))
+    fns = {"ours": ours_prompt, "rwkv_pkg": lambda: theirs.forward(ids, None),
+           "products": products_only}
+    if onednn_linear_available():
+        # the same products through oneDNN's float32 matmul instead of the BLAS torch calls
+        # (MKL in PyPI's x86 builds): how much the bound depends on the library, here
+        def products_onednn():
+            with torch.no_grad():
+                for w in mats:
+                    onednn_linear(x if w.shape[1] == 512 else h, w)
+
+        fns["products_onednn"] = products_onednn
+    t = side_by_side(fns, reps=max(3, args.reps // 2))
     # the state handed over to RNN mode: the next token's logits agree
     logits, state = ours_prompt()
     plogits, pstate = theirs.forward(ids, None)
@@ -260,9 +273,30 @@ def bench_prompt(args, PackageRWKV, tmp: Path) -> dict:
     pnxt, _ = theirs.forward([5], pstate)
     diff = max(diff, (nxt[0] - pnxt).abs().max().item())
     same_logits(diff, "the 512-token prompt")
-    return {"model": "L12-C512", "tokens": 512, "max_logit_diff": diff,
-            "ours_ms": t["ours"] * 1e3, "rwkv_pkg_ms": t["rwkv_pkg"] * 1e3,
-            "products_only_ms": t["products"] * 1e3}
+    out = {"model": "L12-C512", "tokens": 512, "max_logit_diff": diff,
+           "ours_ms": t["ours"] * 1e3, "rwkv_pkg_ms": t["rwkv_pkg"] * 1e3,
+           "products_only_ms": t["products"] * 1e3}
+    if "products_onednn" in t:
+        out["products_onednn_ms"] = t["products_onednn"] * 1e3
+    return out
+
+
+def onednn_linear_available() -> bool:
+    """Whether oneDNN's float32 linear, through PyTorch's binding of it, runs here and
+    computes x @ w.T, to float rounding."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 512, generator=g), torch.randn(256, 512, generator=g)
+    try:
+        diff = (onednn_linear(x, w) - F.linear(x, w)).abs().max().item()
+    except (RuntimeError, AttributeError):  # an older torch without the op
+        return False
+    return diff < 1e-3
+
+
+def onednn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
 
 def gpt_width_for(params: int, n_layer: int, n_head: int, vocab: int, ctx: int, gpt) -> int:
@@ -408,6 +442,11 @@ def table(results: dict) -> str:
                     f"float32 version could gain on the package: "
                     f"{p['rwkv_pkg_ms'] / p['products_only_ms']:.2f}x) | "
                     f"{p['products_only_ms']:.1f} | {p['rwkv_pkg_ms']:.1f} | - |")
+        if "products_onednn_ms" in p:
+            rows.append(f"| prompt of 512 tokens: the same products through oneDNN instead of "
+                        f"the BLAS, ms (the bound with them: "
+                        f"{p['rwkv_pkg_ms'] / p['products_onednn_ms']:.2f}x) | "
+                        f"{p['products_onednn_ms']:.1f} | {p['rwkv_pkg_ms']:.1f} | - |")
     if "train" in results:
         t = results["train"]
         what = (f"training tokens/s, RWKV {t['rwkv']} ({t['rwkv_params']:,} params) vs "

@@ -145,3 +145,21 @@ def test_cpu_benchmark_optimizer_rows_compare_fused_with_one_tensor_at_a_time():
     assert all(r["fused_ms"] > 0 and r["per_tensor_ms"] > 0 for r in rows)
     table = bench.table({"opt": rows})
     assert table.count("AdamW step") == 2 and "one tensor at a time" in table
+
+
+def test_cpu_benchmark_prompt_rows_bound_the_ratio_with_each_matmul_library():
+    """The prompt section times its matrix products through torch's BLAS and, where
+    PyTorch has it, through oneDNN; oneDNN's op computes the same products, and the table
+    prints the second bound only when it was measured."""
+    bench = _script("cpu_bench")
+    if torch.backends.mkldnn.is_available():
+        assert bench.onednn_linear_available()
+        g = torch.Generator().manual_seed(1)
+        x, w = torch.randn(8, 2048, generator=g), torch.randn(512, 2048, generator=g)
+        torch.testing.assert_close(bench.onednn_linear(x, w), x @ w.T, rtol=1e-5, atol=1e-4)
+    prompt = {"model": "L12-C512", "max_logit_diff": 1e-6, "ours_ms": 300.0,
+              "rwkv_pkg_ms": 600.0, "products_only_ms": 250.0}
+    without = bench.table({"prompt": prompt})
+    with_onednn = bench.table({"prompt": {**prompt, "products_onednn_ms": 200.0}})
+    assert "oneDNN" not in without and "2.40x" in without
+    assert "through oneDNN" in with_onednn and "the bound with them: 3.00x" in with_onednn
