@@ -246,23 +246,20 @@ def bench_prompt(args, PackageRWKV, tmp: Path) -> dict:
     mats = [p for name, p in ours.named_parameters() if name.startswith("blocks.")
             and p.dim() == 2]  # the head: only the last row needs it
 
-    def products_only():
-        with torch.no_grad():
-            for w in mats:
-                F.linear(x if w.shape[1] == 512 else h, w)
+    def products_with(linear):
+        def products():
+            with torch.no_grad():
+                for w in mats:
+                    linear(x if w.shape[1] == 512 else h, w)
+        return products
 
     h = torch.randn(512, 2048)
     fns = {"ours": ours_prompt, "rwkv_pkg": lambda: theirs.forward(ids, None),
-           "products": products_only}
+           "products": products_with(F.linear)}
     if onednn_linear_available():
         # the same products through oneDNN's float32 matmul instead of the BLAS torch calls
         # (MKL in PyPI's x86 builds): how much the bound depends on the library, here
-        def products_onednn():
-            with torch.no_grad():
-                for w in mats:
-                    onednn_linear(x if w.shape[1] == 512 else h, w)
-
-        fns["products_onednn"] = products_onednn
+        fns["products_onednn"] = products_with(onednn_linear)
     t = side_by_side(fns, reps=max(3, args.reps // 2))
     # the state handed over to RNN mode: the next token's logits agree
     logits, state = ours_prompt()
