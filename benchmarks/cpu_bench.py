@@ -232,6 +232,8 @@ def bf16_logit_diff(model, n: int = 8) -> float:
 
 
 def bench_prompt(args, PackageRWKV, tmp: Path) -> dict:
+    from rwkv_lib import cpu_matmul
+
     ours, theirs = exported_pair(12, 512, args.vocab, PackageRWKV, tmp)
     prompt = torch.randint(0, args.vocab, (512,), generator=torch.Generator().manual_seed(0))
     ids = prompt.tolist()
@@ -239,6 +241,10 @@ def bench_prompt(args, PackageRWKV, tmp: Path) -> dict:
     def ours_prompt():
         with torch.no_grad():
             return ours(prompt.reshape(1, -1), return_state=True)
+
+    def ours_with_blas():
+        with matmul_library("blas"):
+            return ours_prompt()
 
     # the matrix products alone, the same for any float32 implementation on this BLAS:
     # what is left of the package's time beyond them bounds the ratio anyone can reach
@@ -254,12 +260,15 @@ def bench_prompt(args, PackageRWKV, tmp: Path) -> dict:
         return products
 
     h = torch.randn(512, 2048)
+    library = cpu_matmul.library()
     fns = {"ours": ours_prompt, "rwkv_pkg": lambda: theirs.forward(ids, None),
            "products": products_with(F.linear)}
-    if onednn_linear_available():
+    if library == "onednn":  # what the choice gains, beside it
+        fns["ours_blas"] = ours_with_blas
+    if cpu_matmul.onednn_works():
         # the same products through oneDNN's float32 matmul instead of the BLAS torch calls
         # (MKL in PyPI's x86 builds): how much the bound depends on the library, here
-        fns["products_onednn"] = products_with(onednn_linear)
+        fns["products_onednn"] = products_with(cpu_matmul.onednn_linear)
     t = side_by_side(fns, reps=max(3, args.reps // 2))
     # the state handed over to RNN mode: the next token's logits agree
     logits, state = ours_prompt()
@@ -270,30 +279,27 @@ def bench_prompt(args, PackageRWKV, tmp: Path) -> dict:
     pnxt, _ = theirs.forward([5], pstate)
     diff = max(diff, (nxt[0] - pnxt).abs().max().item())
     same_logits(diff, "the 512-token prompt")
-    out = {"model": "L12-C512", "tokens": 512, "max_logit_diff": diff,
+    out = {"model": "L12-C512", "tokens": 512, "max_logit_diff": diff, "matmul": library,
            "ours_ms": t["ours"] * 1e3, "rwkv_pkg_ms": t["rwkv_pkg"] * 1e3,
            "products_only_ms": t["products"] * 1e3}
-    if "products_onednn" in t:
-        out["products_onednn_ms"] = t["products_onednn"] * 1e3
+    for key in ("ours_blas", "products_onednn"):
+        if key in t:
+            out[f"{key}_ms"] = t[key] * 1e3
     return out
 
 
-def onednn_linear_available() -> bool:
-    """Whether oneDNN's float32 linear, through PyTorch's binding of it, runs here and
-    computes x @ w.T, to float rounding."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(64, 512, generator=g), torch.randn(256, 512, generator=g)
+@contextlib.contextmanager
+def matmul_library(name: str):
+    """RWKV_CPU_MATMUL=name for the duration (rwkv_lib.cpu_matmul reads it at each call)."""
+    before = os.environ.get("RWKV_CPU_MATMUL")
+    os.environ["RWKV_CPU_MATMUL"] = name
     try:
-        diff = (onednn_linear(x, w) - F.linear(x, w)).abs().max().item()
-    except (RuntimeError, AttributeError):  # an older torch without the op
-        return False
-    return diff < 1e-3
-
-
-def onednn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        yield
+    finally:
+        if before is None:
+            del os.environ["RWKV_CPU_MATMUL"]
+        else:
+            os.environ["RWKV_CPU_MATMUL"] = before
 
 
 def gpt_width_for(params: int, n_layer: int, n_head: int, vocab: int, ctx: int, gpt) -> int:
@@ -432,9 +438,16 @@ def table(results: dict) -> str:
                     f"{g['rwkv_pkg_ms'] / g['ours_bf16_ms']:.2f}x faster |")
     if "prompt" in results:
         p = results["prompt"]
-        rows.append(f"| prompt of 512 tokens, {p['model']}, ms (logits differ by "
-                    f"{p['max_logit_diff']:.1e}) | {p['ours_ms']:.1f} | {p['rwkv_pkg_ms']:.1f} "
-                    f"(rwkv pkg) | {p['rwkv_pkg_ms'] / p['ours_ms']:.2f}x faster |")
+        products = {"onednn": "oneDNN", "blas": "the BLAS"}[p.get("matmul", "blas")]
+        rows.append(f"| prompt of 512 tokens, {p['model']}, ms (products through {products}; "
+                    f"logits differ by {p['max_logit_diff']:.1e}) | {p['ours_ms']:.1f} | "
+                    f"{p['rwkv_pkg_ms']:.1f} (rwkv pkg) | "
+                    f"{p['rwkv_pkg_ms'] / p['ours_ms']:.2f}x faster |")
+        if "ours_blas_ms" in p:
+            rows.append(f"| prompt of 512 tokens, ours with its products through the BLAS "
+                        f"(RWKV_CPU_MATMUL=blas), ms | {p['ours_blas_ms']:.1f} | "
+                        f"{p['rwkv_pkg_ms']:.1f} (rwkv pkg) | "
+                        f"{p['rwkv_pkg_ms'] / p['ours_blas_ms']:.2f}x faster |")
         rows.append(f"| prompt of 512 tokens: its matrix products alone, ms (the most any "
                     f"float32 version could gain on the package: "
                     f"{p['rwkv_pkg_ms'] / p['products_only_ms']:.2f}x) | "

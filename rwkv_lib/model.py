@@ -7,7 +7,9 @@ The same network runs in two modes:
   for generation. Both give the same logits (tests/test_model.py checks it).
 
 Parameter names follow RWKV-LM's RWKV-4 exactly, so state dicts move between the
-two projects unchanged. The model is written down in docs/rwkv4.md (sections 3 to 11).
+two projects unchanged. The linear layers are `rwkv_lib.cpu_matmul.Linear`: nn.Linear,
+except that on some CPUs their float32 products outside autograd go to oneDNN. The
+model is written down in docs/rwkv4.md (sections 3 to 11).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from . import rnn_step
+from .cpu_matmul import Linear
 from .wkv import P_INIT, compute_dtype, wkv
 
 # RNN-mode state: one float32 tensor of shape (n_layer, 5, B, C). Per layer, the five
@@ -100,10 +103,10 @@ class TimeMix(nn.Module):
         self.time_mix_k = nn.Parameter(torch.empty(1, 1, C))
         self.time_mix_v = nn.Parameter(torch.empty(1, 1, C))
         self.time_mix_r = nn.Parameter(torch.empty(1, 1, C))
-        self.key = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(C, C, bias=False)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.output = nn.Linear(C, C, bias=False)
+        self.key = Linear(C, C, bias=False)
+        self.value = Linear(C, C, bias=False)
+        self.receptance = Linear(C, C, bias=False)
+        self.output = Linear(C, C, bias=False)
 
     def _kvr(self, x: torch.Tensor, xx: torch.Tensor):
         k = self.key(mix(x, xx, self.time_mix_k))
@@ -152,9 +155,9 @@ class ChannelMix(nn.Module):
         self.time_shift = TokenShift()
         self.time_mix_k = nn.Parameter(torch.empty(1, 1, C))
         self.time_mix_r = nn.Parameter(torch.empty(1, 1, C))
-        self.key = nn.Linear(C, 4 * C, bias=False)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(4 * C, C, bias=False)
+        self.key = Linear(C, 4 * C, bias=False)
+        self.receptance = Linear(C, C, bias=False)
+        self.value = Linear(4 * C, C, bias=False)
 
     def _mlp(self, x: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
         k = squared_relu_of_fresh(self.key(mix(x, xx, self.time_mix_k)))
@@ -210,7 +213,7 @@ class RWKV(nn.Module):
         self.emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_out = nn.LayerNorm(config.n_embd)
-        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.head = Linear(config.n_embd, config.vocab_size, bias=False)
         init_weights(self)
 
     def _check_idx(self, idx: torch.Tensor, dims: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -149,17 +150,29 @@ def test_cpu_benchmark_optimizer_rows_compare_fused_with_one_tensor_at_a_time():
 
 def test_cpu_benchmark_prompt_rows_bound_the_ratio_with_each_matmul_library():
     """The prompt section times its matrix products through torch's BLAS and, where
-    PyTorch has it, through oneDNN; oneDNN's op computes the same products, and the table
-    prints the second bound only when it was measured."""
+    PyTorch has oneDNN, through it too; the table prints the second bound only when it was
+    measured, names the library our prompt used, and our prompt through the BLAS beside it
+    when that was not the BLAS."""
     bench = _script("cpu_bench")
-    if torch.backends.mkldnn.is_available():
-        assert bench.onednn_linear_available()
-        g = torch.Generator().manual_seed(1)
-        x, w = torch.randn(8, 2048, generator=g), torch.randn(512, 2048, generator=g)
-        torch.testing.assert_close(bench.onednn_linear(x, w), x @ w.T, rtol=1e-5, atol=1e-4)
     prompt = {"model": "L12-C512", "max_logit_diff": 1e-6, "ours_ms": 300.0,
-              "rwkv_pkg_ms": 600.0, "products_only_ms": 250.0}
+              "rwkv_pkg_ms": 600.0, "products_only_ms": 250.0, "matmul": "blas"}
     without = bench.table({"prompt": prompt})
-    with_onednn = bench.table({"prompt": {**prompt, "products_onednn_ms": 200.0}})
-    assert "oneDNN" not in without and "2.40x" in without
-    assert "through oneDNN" in with_onednn and "the bound with them: 3.00x" in with_onednn
+    assert "oneDNN" not in without and "2.40x" in without and "through the BLAS;" in without
+    with_onednn = bench.table({"prompt": {**prompt, "products_onednn_ms": 200.0,
+                                          "matmul": "onednn", "ours_blas_ms": 400.0}})
+    assert "through oneDNN;" in with_onednn and "the bound with them: 3.00x" in with_onednn
+    assert "RWKV_CPU_MATMUL=blas), ms | 400.0 | 600.0 (rwkv pkg) | 1.50x faster" in with_onednn
+
+
+def test_cpu_benchmark_switches_the_matmul_library_and_restores_it(monkeypatch):
+    from rwkv_lib import cpu_matmul
+
+    bench = _script("cpu_bench")
+    monkeypatch.setenv("RWKV_CPU_MATMUL", "onednn")
+    with bench.matmul_library("blas"):
+        assert cpu_matmul.library() == "blas"
+    assert os.environ["RWKV_CPU_MATMUL"] == "onednn"
+    monkeypatch.delenv("RWKV_CPU_MATMUL")
+    with bench.matmul_library("blas"):
+        assert os.environ["RWKV_CPU_MATMUL"] == "blas"
+    assert "RWKV_CPU_MATMUL" not in os.environ

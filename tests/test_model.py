@@ -145,7 +145,8 @@ def test_without_autograd_the_same_numbers(backend):
     """Without autograd the model overwrites its own fresh intermediate tensors instead of
     allocating new ones: the outputs and states stay bit for bit those of the
     autograd path, and nothing the caller passed in changes. (RNN mode without autograd
-    has its own kernels, checked against GPT mode elsewhere.)"""
+    has its own kernels, checked against GPT mode elsewhere; products of MIN_ROWS rows or
+    more may go to oneDNN without autograd, equal to rounding: tests/test_cpu_matmul.py.)"""
     model = _model(torch.float32, backend=backend)
     idx = torch.randint(0, 40, (3, 12), generator=torch.Generator().manual_seed(5))
     given = model.init_state(3)
