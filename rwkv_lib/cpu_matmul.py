@@ -98,6 +98,7 @@ class Linear(nn.Linear):
         w = self.weight
         if (not torch.is_grad_enabled() and x.dtype == torch.float32 == w.dtype
                 and x.device.type == "cpu" == w.device.type and x.dim() >= 2
+                and w.numel() > 0  # oneDNN builds no product with an empty side
                 and x.numel() >= MIN_ROWS * x.shape[-1]
                 and not torch.compiler.is_compiling() and library() == "onednn"):
             return onednn_linear(x, w, self.bias)

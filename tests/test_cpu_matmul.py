@@ -139,3 +139,15 @@ def test_the_model_agrees_whichever_library_computes_it(monkeypatch, calls, T):
     logits, gpt_state = results["onednn"]
     torch.testing.assert_close(logits[:, -1], last, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(gpt_state, state, atol=1e-4, rtol=1e-4)
+
+
+@needs_onednn
+@pytest.mark.parametrize("n_in, n_out", [(0, 4), (4, 0)])
+def test_empty_products_stay_with_the_blas(monkeypatch, calls, n_in, n_out):
+    """oneDNN cannot build a product with an empty side; F.linear returns the empty or
+    zero result."""
+    monkeypatch.setenv("RWKV_CPU_MATMUL", "onednn")
+    layer = Linear(n_in, n_out, bias=False)
+    with torch.no_grad():
+        y = layer(torch.ones(MIN_ROWS, n_in))
+    assert y.shape == (MIN_ROWS, n_out) and not y.any() and calls == []
