@@ -2,18 +2,19 @@
 
 PyTorch's x86 builds send `F.linear` to the BLAS, Intel's MKL. On AMD processors MKL's
 sgemm is not its best: on a 2-core AMD EPYC (Zen 4) it ran the products of a 512-token
-prompt at L12-C512 (512 rows, 512 or 2048 wide) 1.07x-1.17x slower than oneDNN's float32
-matmul, which the same builds carry (benchmarks/README, "prompt" rows). So `Linear`, the
+prompt at L12-C512 (512 rows, 512 or 2048 wide) 1.11x-1.17x slower than oneDNN's float32
+matmul, which the same builds carry (benchmarks/README, the "prompt" rows). So `Linear`, the
 model's linear layer, hands its product to oneDNN when all of these hold:
 
-- autograd is off (`torch.no_grad()`, `torch.inference_mode()`): prompts, evaluation and
-  batched RNN steps. Training keeps the BLAS, whose backward it needs anyway;
-- the input and weight are float32 on the CPU, with at least `MIN_ROWS` rows (below it
-  oneDNN's fixed cost per call can lose, single-threaded, on 512 x 512 weights);
+- autograd is off (`torch.no_grad()`, `torch.inference_mode()`): prompts and evaluation.
+  Training keeps the BLAS, whose backward it needs anyway;
+- the input and weight are float32 on the CPU, neither empty, with at least `MIN_ROWS`
+  rows (below it oneDNN's fixed cost per call can lose, single-threaded, on 512 x 512
+  weights);
 - the library chosen is oneDNN: `RWKV_CPU_MATMUL=onednn`, or `auto` (the default) on an
   AMD processor where torch's oneDNN works. `RWKV_CPU_MATMUL=blas` keeps the BLAS
-  everywhere. On Intel processors `auto` keeps MKL, as PyTorch itself does for float32;
-  oneDNN has not been measured against it there.
+  everywhere. On Intel processors `auto` keeps MKL, PyTorch's own choice for float32
+  there; oneDNN has not been measured against it on them.
 
 The two libraries agree to float rounding (a few 1e-7 of the product's scale), not bit for
 bit: on a processor where oneDNN is used, the same model gives the same numbers with or
