@@ -22,7 +22,8 @@ Rows (sections, for --only):
   implementation on that library can gain on the package.
 - train: training tokens per second of one optimizer step (forward, cross-entropy,
   backward, gradient clipping, AdamW), ours eager and with torch.compile, against nanoGPT
-  eager and compiled, at equal parameter counts.
+  eager and compiled, at equal parameter counts. Where our products go to oneDNN
+  (`rwkv_lib.cpu_matmul`; nanoGPT's stay with the BLAS), ours compiled through the BLAS too.
 - opt: one AdamW step on the weights of our L4-C128 and L12-C512 models: torch's
   one-tensor-at-a-time implementation (what nanoGPT's configure_optimizers gets on a CPU,
   and rwkv_lib.train used before) against fused=True (what make_optimizer builds).
@@ -48,6 +49,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -315,6 +317,7 @@ def gpt_width_for(params: int, n_layer: int, n_head: int, vocab: int, ctx: int, 
 
 
 def bench_training(args, gpt) -> dict:
+    from rwkv_lib import cpu_matmul
     from rwkv_lib.extension import load_wkv_extension
     from rwkv_lib.l2wrap import l2wrap
     from rwkv_lib.train import TrainConfig, make_optimizer
@@ -365,6 +368,20 @@ def bench_training(args, gpt) -> dict:
         "nanogpt_eager": gpt_step_fn(nano, nano, nano_opt),
         "nanogpt_compiled": gpt_step_fn(torch.compile(nano_c), nano_c, nano_c_opt),
     }
+    library = cpu_matmul.library(autograd=True)
+    if library == "onednn":  # what the choice gains, beside it (nanoGPT's products: the BLAS)
+        rwkv_b = random_rwkv(L, C, args.vocab).train()
+        blas_step = rwkv_step_fn(torch.compile(rwkv_b), rwkv_b,
+                                 make_optimizer(rwkv_b, TrainConfig(lr_init=1e-3)))
+
+        def ours_blas_step():
+            # torch.compile guards on torch's oneDNN switch (not on an environment
+            # variable the first graph was traced without), so this graph is its own
+            with matmul_library("blas"), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="TF32 acceleration")  # flags' notice
+                with torch.backends.mkldnn.flags(enabled=False):
+                    blas_step()
+        steps["ours_blas_compiled"] = ours_blas_step
     compile_s = {name: timed(fn) for name, fn in steps.items() if name.endswith("compiled")}
     inner = 2 if args.quick else 5  # optimizer steps per timed repetition
 
@@ -375,7 +392,7 @@ def bench_training(args, gpt) -> dict:
     tokens = batch * ctx * inner
     return {"rwkv": f"L{L}-C{C}", "rwkv_params": n_rwkv,
             "nanogpt": f"L{L}-C{width} (4 heads)", "nanogpt_params": n_gpt,
-            "ctx": ctx, "batch": batch,
+            "ctx": ctx, "batch": batch, "matmul": library,
             **{f"{k}_tok_s": tokens / v for k, v in t.items()},
             **{f"{k}_first_step_s": v for k, v in compile_s.items()}}
 
@@ -426,28 +443,33 @@ def bench_wkv(args) -> dict:
 # report
 
 
+def speedup(ratio: float) -> str:
+    """"1.20x faster", or "0.95x (slower)" below 1."""
+    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{ratio:.2f}x (slower)"
+
+
 def table(results: dict) -> str:
     rows = ["| what | ours | peer | ours vs peer |", "|---|---:|---:|---:|"]
     for g in results.get("gen", []):
         rows.append(f"| generation {g['model']}, ms/token (fp32; logits differ by "
                     f"{g['max_logit_diff']:.1e}) | {g['ours_ms']:.3f} | {g['rwkv_pkg_ms']:.3f} "
-                    f"(rwkv pkg) | {g['rwkv_pkg_ms'] / g['ours_ms']:.2f}x faster |")
+                    f"(rwkv pkg) | {speedup(g['rwkv_pkg_ms'] / g['ours_ms'])} |")
         rows.append(f"| generation {g['model']}, ms/token, ours with bf16 matrices (logits "
                     f"differ from fp32 by {g['bf16_max_logit_diff']:.1e}) | "
                     f"{g['ours_bf16_ms']:.3f} | {g['rwkv_pkg_ms']:.3f} (rwkv pkg) | "
-                    f"{g['rwkv_pkg_ms'] / g['ours_bf16_ms']:.2f}x faster |")
+                    f"{speedup(g['rwkv_pkg_ms'] / g['ours_bf16_ms'])} |")
     if "prompt" in results:
         p = results["prompt"]
         products = {"onednn": "oneDNN", "blas": "the BLAS"}[p.get("matmul", "blas")]
         rows.append(f"| prompt of 512 tokens, {p['model']}, ms (products through {products}; "
                     f"logits differ by {p['max_logit_diff']:.1e}) | {p['ours_ms']:.1f} | "
                     f"{p['rwkv_pkg_ms']:.1f} (rwkv pkg) | "
-                    f"{p['rwkv_pkg_ms'] / p['ours_ms']:.2f}x faster |")
+                    f"{speedup(p['rwkv_pkg_ms'] / p['ours_ms'])} |")
         if "ours_blas_ms" in p:
             rows.append(f"| prompt of 512 tokens, ours with its products through the BLAS "
                         f"(RWKV_CPU_MATMUL=blas), ms | {p['ours_blas_ms']:.1f} | "
                         f"{p['rwkv_pkg_ms']:.1f} (rwkv pkg) | "
-                        f"{p['rwkv_pkg_ms'] / p['ours_blas_ms']:.2f}x faster |")
+                        f"{speedup(p['rwkv_pkg_ms'] / p['ours_blas_ms'])} |")
         rows.append(f"| prompt of 512 tokens: its matrix products alone, ms (the most any "
                     f"float32 version could gain on the package: "
                     f"{p['rwkv_pkg_ms'] / p['products_only_ms']:.2f}x) | "
@@ -462,12 +484,18 @@ def table(results: dict) -> str:
         what = (f"training tokens/s, RWKV {t['rwkv']} ({t['rwkv_params']:,} params) vs "
                 f"nanoGPT {t['nanogpt']} ({t['nanogpt_params']:,}), ctx {t['ctx']}, "
                 f"batch {t['batch']}")
+        products = {"onednn": "oneDNN", "blas": "the BLAS"}[t.get("matmul", "blas")]
         for mode in ("eager", "compiled"):
             o, n = t[f"ours_{mode}_tok_s"], t[f"nanogpt_{mode}_tok_s"]
-            rows.append(f"| {what}, {mode} | {o:,.0f} | {n:,.0f} | {o / n:.2f}x faster |")
+            rows.append(f"| {what}, {mode} (our products through {products}) | {o:,.0f} | "
+                        f"{n:,.0f} | {speedup(o / n)} |")
+        if "ours_blas_compiled_tok_s" in t:
+            o, n = t["ours_blas_compiled_tok_s"], t["nanogpt_compiled_tok_s"]
+            rows.append(f"| {what}, compiled, ours with its products through the BLAS "
+                        f"(RWKV_CPU_MATMUL=blas) | {o:,.0f} | {n:,.0f} | {speedup(o / n)} |")
         o, n = t["ours_compiled_tok_s"], t["nanogpt_eager_tok_s"]
         rows.append(f"| {what}, ours compiled vs nanoGPT eager | {o:,.0f} | {n:,.0f} "
-                    f"| {o / n:.2f}x faster |")
+                    f"| {speedup(o / n)} |")
         rows.append(f"| torch.compile, first step (compiling), s | "
                     f"{t['ours_compiled_first_step_s']:.1f} | "
                     f"{t['nanogpt_compiled_first_step_s']:.1f} | - |")

@@ -1,31 +1,39 @@
-"""Which library computes the model's float32 matrix products on the CPU, without autograd.
+"""Which library computes the model's float32 matrix products on the CPU.
 
 PyTorch's x86 builds send `F.linear` to the BLAS, Intel's MKL. On AMD processors MKL's
-sgemm is not its best: on a 2-core AMD EPYC (Zen 4) it ran the products of a 512-token
-prompt at L12-C512 (512 rows, 512 or 2048 wide) 1.11x-1.17x slower than oneDNN's float32
-matmul, which the same builds carry (benchmarks/README, the "prompt" rows). So `Linear`, the
-model's linear layer, hands its product to oneDNN when all of these hold:
+sgemm is not its best: it seems to run its AVX2 kernels there (on a Zen 5, capping it with
+`MKL_ENABLE_INSTRUCTIONS=AVX2` left its speed unchanged), while oneDNN's float32 matmul,
+which the same builds carry, uses AVX-512 (`ONEDNN_VERBOSE=1` names its avx512_core
+kernel). On a 2-core AMD EPYC (Zen 4, whose AVX-512 units are 256 bits wide) oneDNN ran a
+512-token prompt's products 1.11x-1.17x faster; on a Zen 5 (512-bit units) about 2x
+faster, and the products of a training step too (benchmarks/README, the "prompt" and
+"training" rows). So `Linear`, the model's linear layer, hands its product to oneDNN when
+all of these hold:
 
-- autograd is off (`torch.no_grad()`, `torch.inference_mode()`): prompts and evaluation.
-  Training keeps the BLAS, whose backward it needs anyway;
 - the input and weight are float32 on the CPU, neither empty, with at least `MIN_ROWS`
   rows (below it oneDNN's fixed cost per call can lose, single-threaded, on 512 x 512
-  weights);
-- the library chosen is oneDNN: `RWKV_CPU_MATMUL=onednn`, or `auto` (the default) on an
-  AMD processor where torch's oneDNN works. `RWKV_CPU_MATMUL=blas` keeps the BLAS
-  everywhere. On Intel processors `auto` keeps MKL, PyTorch's own choice for float32
-  there; oneDNN has not been measured against it on them.
+  weights), and CPU autocast is off;
+- the library chosen is oneDNN. `RWKV_CPU_MATMUL=onednn` chooses it, `blas` keeps the BLAS
+  everywhere, and `auto` (the default) chooses it on AMD processors where torch's oneDNN
+  works: on any of them for products without autograd (prompts, evaluation), and from
+  Zen 5 (CPU family 26) on for the products training differentiates, where it was
+  measured with its backward (on Zen 4 an earlier measurement of the backward's products
+  found oneDNN as fast as MKL or slower). On Intel processors `auto` keeps MKL, PyTorch's
+  own choice for float32 there; oneDNN has not been measured against it on them.
 
-The two libraries agree to float rounding (a few 1e-7 of the product's scale), not bit for
-bit: on a processor where oneDNN is used, the same model gives the same numbers with or
-without autograd only to that rounding.
+Under autograd the product is a registered operator (`torch.ops.rwkv_lib.onednn_linear`)
+whose backward is two more oneDNN products, so `torch.compile` keeps it whole. Set
+`RWKV_CPU_MATMUL` before a model is compiled: a compiled graph does not notice the
+variable appear later (it does notice `torch.backends.mkldnn.flags(enabled=False)`). The
+two libraries agree to float rounding (a few 1e-7 of the product's scale), not bit for
+bit: where oneDNN is used, results match another processor's only to that rounding.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import platform
+import re
 
 import torch
 import torch.nn as nn
@@ -41,9 +49,18 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor,
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-@functools.cache
 def onednn_works() -> bool:
     """Whether this torch has oneDNN's linear and it computes x @ w.T, to float rounding."""
+    global _onednn_ok
+    if _onednn_ok is None:  # a plain global, not functools.cache: torch.compile reads it
+        _onednn_ok = _check_onednn()
+    return _onednn_ok
+
+
+_onednn_ok: bool | None = None
+
+
+def _check_onednn() -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     g = torch.Generator().manual_seed(0)
@@ -56,23 +73,54 @@ def onednn_works() -> bool:
     return diff < 1e-3
 
 
-@functools.cache
-def processor_vendor() -> str:
-    """The CPU's vendor string ("AuthenticAMD", "GenuineIntel"), or "" where unknown."""
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ("vendor_id", "cpu family", ...), or
+    the same two fields from Windows' processor name; empty where neither is there."""
+    global _cpu_fields
+    if _cpu_fields is None:  # read once, kept in a global as onednn_works does
+        _cpu_fields = _read_cpuinfo()
+    return _cpu_fields
+
+
+_cpu_fields: dict[str, str] | None = None
+
+
+def _read_cpuinfo() -> dict[str, str]:
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    # Windows names the vendor at the end: "AMD64 Family 25 Model 97 ..., AuthenticAMD"
-    name = platform.processor()
-    return next((v for v in ("AuthenticAMD", "GenuineIntel") if v in name), "")
+    if "vendor_id" not in fields:  # Windows: "AMD64 Family 26 Model 2 Stepping 0, AuthenticAMD"
+        name = platform.processor()
+        vendor = next((v for v in ("AuthenticAMD", "GenuineIntel") if v in name), "")
+        family = re.search(r"Family (\d+)", name)
+        fields = {"vendor_id": vendor, "cpu family": family.group(1) if family else ""}
+    return fields
 
 
-def library() -> str:
-    """"onednn" or "blas": what `Linear` uses for float32 products without autograd here."""
+def processor_vendor() -> str:
+    """The CPU's vendor string ("AuthenticAMD", "GenuineIntel"), or "" where unknown."""
+    return _cpuinfo().get("vendor_id", "")
+
+
+def processor_family() -> int:
+    """The CPU's family number (AMD: 25 for Zen 3 and Zen 4, 26 for Zen 5), 0 where unknown."""
+    family = _cpuinfo().get("cpu family", "")
+    return int(family) if family.isdigit() else 0
+
+
+ZEN5_FAMILY = 26
+
+
+def library(autograd: bool = False) -> str:
+    """"onednn" or "blas": what `Linear` uses here for float32 products, those that autograd
+    differentiates (training) or the others."""
     choice = os.environ.get("RWKV_CPU_MATMUL", "auto").strip().lower() or "auto"
     if choice not in LIBRARIES:
         raise ValueError(f"RWKV_CPU_MATMUL must be one of {', '.join(LIBRARIES)}, got "
@@ -84,23 +132,64 @@ def library() -> str:
             raise ValueError("RWKV_CPU_MATMUL=onednn, but this build of torch has no working "
                              "oneDNN linear; unset it or set it to blas")
         return "onednn"
-    return "onednn" if processor_vendor() == "AuthenticAMD" and onednn_works() else "blas"
+    if processor_vendor() != "AuthenticAMD" or not onednn_works():
+        return "blas"
+    return "onednn" if not autograd or processor_family() >= ZEN5_FAMILY else "blas"
+
+
+@torch.library.custom_op("rwkv_lib::onednn_linear", mutates_args=())
+def onednn_linear_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T through oneDNN, as an operator autograd and torch.compile see whole."""
+    return onednn_linear(x.contiguous(), weight.contiguous())
+
+
+@onednn_linear_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _save_for_backward(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    # dx = dy @ w and dw = dy^T @ x, each as a product "a @ b.T" with contiguous operands:
+    # the transposed copies cost a few percent of the products they feed
+    x, weight = ctx.saved_tensors
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    dx = dw = None
+    if ctx.needs_input_grad[0]:
+        dx = onednn_linear_op(dy2, weight.t().contiguous()).view(x.shape)
+    if ctx.needs_input_grad[1]:
+        x2 = x.reshape(-1, x.shape[-1])
+        dw = onednn_linear_op(dy2.t().contiguous(), x2.t().contiguous())
+    return dx, dw
+
+
+onednn_linear_op.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state-dict names) whose float32 CPU product without
-    autograd goes to the library `library()` names."""
+    """nn.Linear (same parameters, same state-dict names) whose float32 CPU products go to
+    the library `library()` names."""
 
     def __init__(self, *args, **kwargs) -> None:
         library()  # a bad RWKV_CPU_MATMUL fails when the model is built, not mid-run
+        processor_vendor(), processor_family(), onednn_works()  # known before any tracing
         super().__init__(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (not torch.is_grad_enabled() and x.dtype == torch.float32 == w.dtype
-                and x.device.type == "cpu" == w.device.type and x.dim() >= 2
-                and w.numel() > 0  # oneDNN builds no product with an empty side
+        if not (x.dtype == torch.float32 == w.dtype and x.device.type == "cpu" == w.device.type
+                and x.dim() >= 2 and w.numel() > 0  # oneDNN builds no product with an empty side
                 and x.numel() >= MIN_ROWS * x.shape[-1]
-                and not torch.compiler.is_compiling() and library() == "onednn"):
-            return onednn_linear(x, w, self.bias)
-        return F.linear(x, w, self.bias)
+                and not torch.is_autocast_enabled("cpu")):
+            return F.linear(x, w, self.bias)
+        autograd = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (
+            self.bias is not None and self.bias.requires_grad))
+        if library(autograd) == "blas":
+            return F.linear(x, w, self.bias)
+        if not autograd and not torch.compiler.is_compiling():
+            return onednn_linear(x, w, self.bias)  # the direct call: no operator overhead
+        y = onednn_linear_op(x, w)
+        return y if self.bias is None else y + self.bias

@@ -8,7 +8,7 @@ The same network runs in two modes:
 
 Parameter names follow RWKV-LM's RWKV-4 exactly, so state dicts move between the
 two projects unchanged. The linear layers are `rwkv_lib.cpu_matmul.Linear`: nn.Linear,
-except that on some CPUs their float32 products outside autograd go to oneDNN. The
+except that on some CPUs their float32 products go to oneDNN instead of the BLAS. The
 model is written down in docs/rwkv4.md (sections 3 to 11).
 """
 

@@ -176,3 +176,23 @@ def test_cpu_benchmark_switches_the_matmul_library_and_restores_it(monkeypatch):
     with bench.matmul_library("blas"):
         assert os.environ["RWKV_CPU_MATMUL"] == "blas"
     assert "RWKV_CPU_MATMUL" not in os.environ
+
+
+def test_cpu_benchmark_training_rows_name_the_library_and_show_the_blas_beside_it():
+    """The training rows say where our products went; where that was oneDNN, ours compiled
+    through the BLAS is shown against nanoGPT too; a ratio below 1 says slower."""
+    bench = _script("cpu_bench")
+    train = {"rwkv": "L4-C128", "rwkv_params": 923648, "nanogpt": "L4-C136 (4 heads)",
+             "nanogpt_params": 938672, "ctx": 64, "batch": 12, "matmul": "blas",
+             "ours_eager_tok_s": 950.0, "nanogpt_eager_tok_s": 1000.0,
+             "ours_compiled_tok_s": 1500.0, "nanogpt_compiled_tok_s": 1000.0,
+             "ours_compiled_first_step_s": 5.0, "nanogpt_compiled_first_step_s": 1.0}
+    blas = bench.table({"train": train})
+    assert "eager (our products through the BLAS) | 950 | 1,000 | 0.95x (slower) |" in blas
+    assert "compiled (our products through the BLAS) | 1,500 | 1,000 | 1.50x faster |" in blas
+    assert "RWKV_CPU_MATMUL=blas" not in blas
+    onednn = bench.table({"train": {**train, "matmul": "onednn",
+                                    "ours_blas_compiled_tok_s": 1100.0}})
+    assert "compiled (our products through oneDNN) | 1,500 | 1,000 | 1.50x faster |" in onednn
+    assert ("ours with its products through the BLAS (RWKV_CPU_MATMUL=blas) | 1,100 | 1,000 "
+            "| 1.10x faster |") in onednn

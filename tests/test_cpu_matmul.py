@@ -1,5 +1,6 @@
-"""rwkv_lib.cpu_matmul: which library computes float32 products without autograd, and that
-the model gives the same results, to float rounding, whichever it is."""
+"""rwkv_lib.cpu_matmul: which library computes float32 products, with autograd and without,
+and that the model gives the same results and gradients, to float rounding, whichever it is,
+eager and compiled."""
 
 import os
 import subprocess
@@ -44,16 +45,46 @@ def calls(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("vendor, works, expected", [
-    ("AuthenticAMD", True, "onednn"), ("AuthenticAMD", False, "blas"),
-    ("GenuineIntel", True, "blas"), ("", True, "blas")])
-def test_auto_chooses_onednn_only_on_amd_where_it_works(monkeypatch, vendor, works, expected):
+@pytest.mark.parametrize("vendor, family, works, expected, expected_training", [
+    ("AuthenticAMD", 26, True, "onednn", "onednn"),  # Zen 5
+    ("AuthenticAMD", 25, True, "onednn", "blas"),  # Zen 3, Zen 4
+    ("AuthenticAMD", 26, False, "blas", "blas"),
+    ("GenuineIntel", 6, True, "blas", "blas"), ("", 0, True, "blas", "blas")])
+def test_auto_chooses_onednn_only_on_amd_where_it_works(monkeypatch, vendor, family, works,
+                                                        expected, expected_training):
     monkeypatch.delenv("RWKV_CPU_MATMUL", raising=False)
     monkeypatch.setattr(cpu_matmul, "processor_vendor", lambda: vendor)
+    monkeypatch.setattr(cpu_matmul, "processor_family", lambda: family)
     monkeypatch.setattr(cpu_matmul, "onednn_works", lambda: works)
     assert cpu_matmul.library() == expected
+    assert cpu_matmul.library(autograd=True) == expected_training
     monkeypatch.setenv("RWKV_CPU_MATMUL", "auto")
     assert cpu_matmul.library() == expected
+    assert cpu_matmul.library(autograd=True) == expected_training
+
+
+@pytest.mark.parametrize("cpuinfo, windows_name, vendor, family", [
+    ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n\n"
+     "processor\t: 1\nvendor_id\t: Other\n", "", "AuthenticAMD", 26),
+    (None, "AMD64 Family 25 Model 97 Stepping 2, AuthenticAMD", "AuthenticAMD", 25),
+    (None, "Intel64 Family 6 Model 85 Stepping 7, GenuineIntel", "GenuineIntel", 6),
+    (None, "", "", 0)])
+def test_the_processor_is_read_from_cpuinfo_or_windows_name(monkeypatch, tmp_path, cpuinfo,
+                                                           windows_name, vendor, family):
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        if path != "/proc/cpuinfo":
+            return real_open(path, *args, **kwargs)
+        if cpuinfo is None:
+            raise FileNotFoundError(path)
+        (tmp_path / "cpuinfo").write_text(cpuinfo)
+        return real_open(tmp_path / "cpuinfo", *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    monkeypatch.setattr(cpu_matmul.platform, "processor", lambda: windows_name)
+    monkeypatch.setattr(cpu_matmul, "_cpu_fields", None)  # read afresh, restored after
+    assert (cpu_matmul.processor_vendor(), cpu_matmul.processor_family()) == (vendor, family)
 
 
 def test_the_environment_overrides_the_choice(monkeypatch):
@@ -90,7 +121,7 @@ def test_a_bad_choice_is_one_line_from_the_command_line(tmp_path):
 
 
 @needs_onednn
-def test_linear_sends_only_float32_products_without_autograd_to_onednn(monkeypatch, calls):
+def test_linear_sends_float32_products_of_enough_rows_to_onednn(monkeypatch, calls):
     monkeypatch.setenv("RWKV_CPU_MATMUL", "onednn")
     torch.manual_seed(0)
     layer = Linear(32, 48)
@@ -102,16 +133,109 @@ def test_linear_sends_only_float32_products_without_autograd_to_onednn(monkeypat
         layer(x[:, 1:])  # one row short
         layer.bfloat16()(x.bfloat16())  # not float32
         layer.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides instead
+            assert layer(x).dtype == torch.bfloat16
     with torch.inference_mode():
         layer(x)
     assert len(calls) == 2
-    y = layer(x.requires_grad_())  # training: the BLAS, and gradients as usual
-    y.sum().backward()
-    assert len(calls) == 2 and x.grad is not None
     monkeypatch.setenv("RWKV_CPU_MATMUL", "blas")
     with torch.no_grad():
         layer(x)
+    layer(x.requires_grad_()).sum().backward()
     assert len(calls) == 2
+
+
+@needs_onednn
+@pytest.mark.parametrize("needs", ["input and weight", "weight", "input"])
+def test_linear_differentiates_through_onednn(monkeypatch, calls, needs):
+    """Under autograd the forward and each needed gradient are oneDNN products, and the
+    gradients are F.linear's to float rounding (bias included)."""
+    monkeypatch.setenv("RWKV_CPU_MATMUL", "onednn")
+    torch.manual_seed(0)
+    layer = Linear(32, 48)
+    layer.requires_grad_("weight" in needs)
+    x = torch.randn(3, MIN_ROWS, 32, requires_grad="input" in needs)
+    dy = torch.randn(3, MIN_ROWS, 48)
+    y = layer(x)
+    (y * dy).sum().backward()
+    assert len(calls) == 1 + needs.count("input") + needs.count("weight")
+    monkeypatch.setenv("RWKV_CPU_MATMUL", "blas")
+    x_ref = x.detach().clone().requires_grad_(x.requires_grad)
+    ref = nn_linear_copy(layer)
+    y_ref = ref(x_ref)
+    (y_ref * dy).sum().backward()
+    torch.testing.assert_close(y, y_ref)
+    if x.requires_grad:
+        torch.testing.assert_close(x.grad, x_ref.grad)
+    if layer.weight.requires_grad:
+        torch.testing.assert_close(layer.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(layer.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-4)
+    assert len(calls) == 1 + needs.count("input") + needs.count("weight")
+
+
+def nn_linear_copy(layer: Linear) -> torch.nn.Linear:
+    ref = torch.nn.Linear(layer.in_features, layer.out_features)
+    ref.load_state_dict(layer.state_dict())
+    return ref.requires_grad_(layer.weight.requires_grad)
+
+
+def _training_losses(steps: int, compiled: bool) -> tuple[list[float], torch.Tensor]:
+    from rwkv_lib.l2wrap import l2wrap
+    from rwkv_lib.train import TrainConfig, make_optimizer
+
+    torch.manual_seed(0)
+    model = RWKV(RWKVConfig(vocab_size=40, n_layer=1, n_embd=32, wkv_backend="pytorch"))
+    opt = make_optimizer(model.train(), TrainConfig(lr_init=3e-3))
+    runner = torch.compile(model) if compiled else model
+    g = torch.Generator().manual_seed(2)
+    x, y = (torch.randint(0, 40, (MIN_ROWS // 4, 4), generator=g) for _ in range(2))
+    losses = []
+    for _ in range(steps):
+        logits = runner(x)
+        loss = l2wrap(F.cross_entropy(logits.flatten(0, 1), y.flatten()), logits)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, model.head.weight.detach().clone()
+
+
+@needs_onednn
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_training_through_onednn_follows_the_blas(monkeypatch, calls, compiled):
+    """Training steps with every product through oneDNN, eager and under torch.compile
+    (Inductor), keep to the eager BLAS's losses and weights, to float rounding."""
+    import torch._dynamo
+
+    monkeypatch.setenv("RWKV_CPU_MATMUL", "blas")
+    blas_losses, blas_head = _training_losses(4, compiled=False)
+    assert calls == []
+    torch._dynamo.reset()  # no graph traced for the BLAS may serve oneDNN
+    monkeypatch.setenv("RWKV_CPU_MATMUL", "onednn")
+    losses, head = _training_losses(4, compiled)
+    torch._dynamo.reset()
+    assert len(calls) == 4 * 3 * (7 + 1)  # each step: forward, dx, dw of every product
+    assert losses == pytest.approx(blas_losses, rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(head, blas_head, rtol=1e-4, atol=1e-5)
+
+
+@needs_onednn
+def test_a_compiled_model_follows_torchs_onednn_switch(monkeypatch, calls):
+    """torch.compile guards on torch.backends.mkldnn.enabled (benchmarks/cpu_bench.py
+    relies on it to time the BLAS beside oneDNN in one process)."""
+    import torch._dynamo
+
+    monkeypatch.setenv("RWKV_CPU_MATMUL", "onednn")
+    torch._dynamo.reset()
+    layer = torch.compile(Linear(16, 8))
+    x = torch.randn(MIN_ROWS, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert len(calls) == 3
+    with torch.backends.mkldnn.flags(enabled=False):
+        y = layer(x)
+    assert len(calls) == 3
+    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias))
+    torch._dynamo.reset()
 
 
 @needs_onednn
