@@ -443,6 +443,9 @@ def bench_wkv(args) -> dict:
 # report
 
 
+LIBRARY_NAMES = {"onednn": "oneDNN", "blas": "the BLAS"}  # rwkv_lib.cpu_matmul.library()
+
+
 def speedup(ratio: float) -> str:
     """"1.20x faster", or "0.95x (slower)" below 1."""
     return f"{ratio:.2f}x faster" if ratio >= 1 else f"{ratio:.2f}x (slower)"
@@ -460,7 +463,7 @@ def table(results: dict) -> str:
                     f"{speedup(g['rwkv_pkg_ms'] / g['ours_bf16_ms'])} |")
     if "prompt" in results:
         p = results["prompt"]
-        products = {"onednn": "oneDNN", "blas": "the BLAS"}[p.get("matmul", "blas")]
+        products = LIBRARY_NAMES[p.get("matmul", "blas")]
         rows.append(f"| prompt of 512 tokens, {p['model']}, ms (products through {products}; "
                     f"logits differ by {p['max_logit_diff']:.1e}) | {p['ours_ms']:.1f} | "
                     f"{p['rwkv_pkg_ms']:.1f} (rwkv pkg) | "
@@ -484,7 +487,7 @@ def table(results: dict) -> str:
         what = (f"training tokens/s, RWKV {t['rwkv']} ({t['rwkv_params']:,} params) vs "
                 f"nanoGPT {t['nanogpt']} ({t['nanogpt_params']:,}), ctx {t['ctx']}, "
                 f"batch {t['batch']}")
-        products = {"onednn": "oneDNN", "blas": "the BLAS"}[t.get("matmul", "blas")]
+        products = LIBRARY_NAMES[t.get("matmul", "blas")]
         for mode in ("eager", "compiled"):
             o, n = t[f"ours_{mode}_tok_s"], t[f"nanogpt_{mode}_tok_s"]
             rows.append(f"| {what}, {mode} (our products through {products}) | {o:,.0f} | "
